@@ -1,0 +1,118 @@
+"""Benchmark fixtures: every variant of the active profile, built once per session (or loaded from the cache).
+
+The profile comes from `--profile` or $COMPRESSION_PROFILE (default `smoke`); the data from $SST2_DIR (else GLUE
+from the hub); budgets from `--baselines` (default: the repository's baselines.json).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("compression")
+    group.addoption("--profile", default=os.environ.get("COMPRESSION_PROFILE", "smoke"), choices=["smoke", "full"],
+                    help="compression profile the benchmarks build and gate (default: smoke)")
+    group.addoption("--baselines", default=str(ROOT / "baselines.json"), help="budgets file")
+
+
+@dataclass
+class Suite:
+    """A built run, plus what every test needs from it."""
+
+    run: object  # compression.pipeline.Run
+    validation: object  # tokenized validation split
+    examples: list  # batch-1 inputs timed for latency
+    rows: dict  # name -> quality row (no timings)
+    predictions: dict  # name -> predictions [N]
+    device: str
+
+    def variant(self, name: str):
+        return next(v for v in self.run.variants if v.name == name)
+
+    def results(self, rows: list[dict], gpu: str | None = None) -> dict:
+        """A results document in `compress run`'s shape, for `compression.gate.check`."""
+        return {"profile": self.run.profile.name, "environment": {"device": self.device, "gpu": gpu},
+                "variants": rows}
+
+
+def build_suite(profile_name: str, device: str) -> Suite:
+    from compression import pipeline
+    from compression.measure import single_examples
+
+    profile = pipeline.get_profile(profile_name)
+    run = pipeline.build_variants(profile, data=None, device=device)
+    validation = pipeline.validation_split(run)
+    rows, predictions, teacher = {}, {}, None
+    for v in run.variants:
+        row, preds = pipeline.quality(v, validation, run.tokenizer, teacher)
+        teacher = preds if teacher is None else teacher
+        rows[v.name], predictions[v.name] = row, preds
+    examples = single_examples(validation, run.tokenizer, profile.latency_examples)
+    return Suite(run, validation, examples, rows, predictions, device)
+
+
+@pytest.fixture(scope="session")
+def profile_name(request) -> str:
+    return request.config.getoption("--profile")
+
+
+@pytest.fixture(scope="session")
+def baselines(request) -> dict:
+    from compression.gate import load_baselines
+
+    return load_baselines(request.config.getoption("--baselines"))
+
+
+@pytest.fixture(scope="session")
+def cpu_suite(profile_name) -> Suite:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("COMPRESSION_THREADS", torch.get_num_threads())))
+    return build_suite(profile_name, "cpu")
+
+
+@pytest.fixture(scope="session")
+def teacher_median(cpu_suite) -> float:
+    """The reference every CPU latency ratio divides by, timed once on the same sentences."""
+    from compression.measure import latency
+
+    return latency(cpu_suite.variant("teacher").model, cpu_suite.examples, cpu_suite.run.profile.warmup).median
+
+
+def timed_rounds(benchmark, model, examples, warmup: int):
+    """benchmark.pedantic of a batch-1 forward, one round per example in turn; returns the median in ms."""
+    import torch
+
+    cursor = {"i": 0}
+
+    def setup():
+        example = examples[cursor["i"] % len(examples)]
+        cursor["i"] += 1
+        return (), example
+
+    def forward(**example):
+        with torch.inference_mode():
+            model(**example)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(forward, setup=setup, rounds=len(examples), warmup_rounds=warmup, iterations=1)
+    return benchmark.stats.stats.median * 1000.0
+
+
+def assert_findings(findings, variant: str) -> None:
+    """Fail with one line per breached budget (variant, metric, budget, value, how to accept)."""
+    from compression.gate import failure_message
+
+    hint = "results/results.json (after: compress run --profile PROFILE --out results)"
+    failed = [failure_message(f, hint) for f in findings if not f.ok and f.variant == variant]
+    assert not failed, "\n".join(failed)
+
+

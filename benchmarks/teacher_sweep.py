@@ -1,0 +1,91 @@
+"""Choose the teacher's fine-tuning hyperparameters on a held-out part of train (never on validation).
+
+    python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --lr 2e-5 4e-5 6e-5
+
+Holds out `--holdout` seeded sentences of train, fine-tunes the base on the rest for each learning rate and
+epoch count, and prints the held-out accuracy of each. The winner goes into `TrainConfig`'s defaults.
+
+SST-2's train split is every phrase of the parse trees of about 6,900 sentences, so a random split leaks: most
+held-out phrases are parts of, or contain, training phrases, and the held-out score rewards memorising. So the
+held-out rows are whole sentences (rows of at least `--min-words` words that are no span of a longer row, like
+the validation split's) and every training row that is a phrase of a held-out sentence is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+
+import datasets
+import torch
+
+from compression.data import load_sst2, tokenize
+from compression.measure import accuracy, predict
+from compression.models import load_base
+from compression.train import TrainConfig, finetune
+
+
+def leak_free_split(train: datasets.Dataset, holdout: int, min_words: int, seed: int) -> datasets.DatasetDict:
+    """`holdout` random whole sentences, and the training rows that share no parse-tree node with them.
+
+    A whole sentence is a row that is not a word span of any longer row (the root of its parse tree). Every row
+    that is a span of a held-out sentence (one of its phrases) is dropped from training.
+    """
+    words = [s.split() for s in train["sentence"]]
+
+    def spans(w: list[str]) -> set[str]:
+        return {" ".join(w[a:b]) for a in range(len(w)) for b in range(a + min_words, len(w) + 1)}
+
+    long_rows = [i for i, w in enumerate(words) if len(w) >= min_words]
+    inner: set[str] = set()
+    for i in long_rows:
+        inner |= spans(words[i]) - {" ".join(words[i])}
+    roots = [i for i in long_rows if " ".join(words[i]) not in inner]
+    held = set(random.Random(seed).sample(roots, holdout))
+    phrases = {" ".join(words[i][a:b]) for i in held for a in range(len(words[i]))
+               for b in range(a + 1, len(words[i]) + 1)}
+    rest = [i for i in range(len(train)) if i not in held and " ".join(words[i]) not in phrases]
+    return datasets.DatasetDict({"train": train.select(rest), "test": train.select(sorted(held))})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="SST-2 folder (default: $SST2_DIR, else the hub)")
+    parser.add_argument("--base", default=None, help="base model (default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[2e-5, 4e-5, 6e-5])
+    parser.add_argument("--epochs", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--holdout", type=int, default=3000, help="train rows held out for choosing")
+    parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
+    parser.add_argument("--max-rows", type=int, default=None, help="train on at most this many rows")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    sst2 = load_sst2(args.data)
+    split = leak_free_split(sst2.splits["train"], args.holdout, args.min_words, args.seed)
+    print(f"held out {len(split['test'])} sentences; training on {len(split['train'])} rows", flush=True)
+    rows = []
+    for epochs in args.epochs:
+        for lr in args.lr:
+            config = TrainConfig(learning_rate=lr, epochs=epochs, max_rows=args.max_rows, seed=args.seed)
+            torch.manual_seed(config.seed)
+            model, tokenizer = load_base(args.base)
+            train = tokenize(split["train"], tokenizer, config.max_length)
+            if config.max_rows:
+                train = train.shuffle(seed=config.seed).select(range(min(config.max_rows, len(train))))
+            held = tokenize(split["test"], tokenizer, config.max_length)
+            start = time.perf_counter()
+            finetune(model, tokenizer, train, config)
+            seconds = time.perf_counter() - start
+            acc = accuracy(predict(model, held, tokenizer), held["labels"])
+            rows.append((lr, epochs, acc, seconds))
+            print(f"lr={lr:g} epochs={epochs:g}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
+    print("\n| lr | epochs | held-out acc (%) | train time (s) |\n|--:|--:|--:|--:|")
+    for lr, epochs, acc, seconds in sorted(rows, key=lambda r: -r[2]):
+        print(f"| {lr:g} | {epochs:g} | {acc:.2f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""CPU gates: every variant's batch-1 latency (pytest-benchmark) and accuracy against baselines.json.
+
+    pytest benchmarks -m "not gpu"                 # the smoke profile (CI)
+    pytest benchmarks -m "not gpu" --profile full  # the full profile (trains for about half an hour once)
+
+Latency is gated as a ratio to the fp32 teacher timed in the same session; accuracy as a floor, a drop from the
+teacher, and a count of validation predictions that differ from the teacher's (the sharper, paired signal).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.conftest import assert_findings, timed_rounds
+from compression import gate
+
+VARIANTS = [f"{m}{q}" for m in ("teacher", "student", "pruned_student") for q in ("", "_int8", "_bnb8")]
+LATENCY_METRICS = {"latency_ratio"}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_latency(benchmark, cpu_suite, baselines, teacher_median, name):
+    variant = cpu_suite.variant(name)
+    row = cpu_suite.rows[name]
+    benchmark.group = f"{cpu_suite.run.profile.name} profile, batch 1, CPU"
+    benchmark.extra_info.update({k: row[k] for k in ("val_accuracy", "flips", "parameters", "size_mb", "backend")})
+    median = timed_rounds(benchmark, variant.model, cpu_suite.examples, cpu_suite.run.profile.warmup)
+    ratio = median / teacher_median
+    benchmark.extra_info["latency_ratio_to_teacher"] = round(ratio, 3)
+    if name == "teacher":
+        # Two independent timings of the same model must agree, or no ratio gate built on them can be trusted.
+        assert 0.85 < ratio < 1.15, f"teacher timed twice: {median:.3f} ms vs {teacher_median:.3f} ms"
+        return
+    teacher_row = {**cpu_suite.rows["teacher"], "latency_ms": {"median": teacher_median}}
+    results = cpu_suite.results([teacher_row, {**row, "latency_ms": {"median": median}}])
+    findings = [f for f in gate.check(results, baselines, only={name}) if f.metric in LATENCY_METRICS]
+    assert findings, f"baselines.json has no latency budget for {name}"
+    assert_findings(findings, name)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_accuracy_and_size(cpu_suite, baselines, name):
+    rows = [cpu_suite.rows["teacher"], cpu_suite.rows[name]] if name != "teacher" else [cpu_suite.rows[name]]
+    zero_latency = {"latency_ms": {"median": 1.0}}
+    results = cpu_suite.results([{**r, **zero_latency} for r in rows])
+    findings = [f for f in gate.check(results, baselines, only={name}) if f.metric not in LATENCY_METRICS]
+    assert {f.metric for f in findings} >= {"val_accuracy", "flips", "size_mb"}, f"budgets missing for {name}"
+    assert_findings(findings, name)

@@ -1,0 +1,53 @@
+"""GPU latency benchmarks (fp32 and bnb8 variants), marked `gpu`; they skip where CUDA is not available.
+
+    pytest -m gpu --benchmark-autosave      # saves under .benchmarks/
+
+Each variant's batch-1 median is gated against the absolute budget for this GPU in baselines.json
+(`gpu.latency_ms["<device name>"]`; the `Tesla T4` entry holds the reference table's figures), or, for a GPU
+without an entry, against the ratio-to-teacher fallback (`gpu.latency_ratio`). Accuracy is gated on the CPU,
+where CI runs; here it is recorded in the benchmark's extra_info.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.conftest import assert_findings, build_suite, timed_rounds
+from compression import gate
+from compression.measure import latency
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the gpu benchmarks need one"),
+]
+
+GPU_VARIANTS = [f"{m}{q}" for m in ("teacher", "student", "pruned_student") for q in ("", "_bnb8")]
+
+
+@pytest.fixture(scope="session")
+def gpu_suite(profile_name):
+    return build_suite(profile_name, "cuda")
+
+
+@pytest.fixture(scope="session")
+def gpu_teacher_median(gpu_suite) -> float:
+    return latency(gpu_suite.variant("teacher").model, gpu_suite.examples, gpu_suite.run.profile.warmup).median
+
+
+@pytest.mark.parametrize("name", GPU_VARIANTS)
+def test_gpu_latency(benchmark, gpu_suite, baselines, gpu_teacher_median, name):
+    device_name = torch.cuda.get_device_name(0)
+    row = gpu_suite.rows[name]
+    benchmark.group = f"{gpu_suite.run.profile.name} profile, batch 1, {device_name}"
+    benchmark.extra_info.update({k: row[k] for k in ("val_accuracy", "flips", "parameters", "size_mb", "backend")})
+    median = timed_rounds(benchmark, gpu_suite.variant(name).model, gpu_suite.examples, gpu_suite.run.profile.warmup)
+    benchmark.extra_info["latency_ratio_to_teacher"] = round(median / gpu_teacher_median, 3)
+    teacher_row = {**gpu_suite.rows["teacher"], "latency_ms": {"median": gpu_teacher_median}}
+    results = gpu_suite.results([teacher_row, {**row, "latency_ms": {"median": median}}], gpu=device_name)
+    findings = [f for f in gate.check(results, baselines, only={name}) if f.metric.startswith("latency")]
+    if name == "teacher" and not findings:  # unknown GPU: the teacher is the ratio's denominator
+        assert 0.8 < median / gpu_teacher_median < 1.25, "teacher timed twice disagrees"
+        return
+    assert findings, f"baselines.json has no GPU latency budget for {name} on {device_name}"
+    assert_findings(findings, name)

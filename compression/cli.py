@@ -1,0 +1,150 @@
+"""`compress`: run the compression job, gate a run against baselines, accept a run as the new baselines.
+
+    compress run [--profile full|smoke] [--base ID_OR_DIR] [--data DIR] [--out results/]
+    compress check RESULTS [--baselines baselines.json]
+    compress baselines --accept RESULTS [--baselines baselines.json]
+
+Bad input is one line on stderr and exit 2; a gate breach is exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BREACH = 1
+EXIT_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every detail (default: stages only)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train or load teacher, student and pruned student; quantize; measure")
+    run.add_argument("--profile", default="full", choices=["full", "smoke"],
+                     help="full: all of train (default); smoke: minutes, on a slice of train")
+    run.add_argument("--base", default=None,
+                     help="Hugging Face id or local folder (default: the embedded all-MiniLM-L6-v2)")
+    run.add_argument("--data", default=None,
+                     help="SST-2 folder in GLUE layout (default: $SST2_DIR, else GLUE from the hub)")
+    run.add_argument("--out", default="results", type=Path, help="where results.{md,json} and pareto.png go")
+    run.add_argument("--cache", default=None, type=Path,
+                     help="artifact cache (default: $COMPRESSION_CACHE or ~/.cache/model-compression)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where fp32 and bnb8 models train and run (int8 always runs on CPU)")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+
+    check = sub.add_parser("check", help="gate a results.json against baselines; exit 1 on any breach")
+    check.add_argument("results", type=Path)
+    check.add_argument("--baselines", type=Path, default=Path("baselines.json"))
+
+    base = sub.add_parser("baselines", help="rewrite baselines from a run")
+    base.add_argument("--accept", type=Path, required=True, metavar="RESULTS", help="results.json to accept")
+    base.add_argument("--baselines", type=Path, default=Path("baselines.json"))
+    return parser
+
+
+def _progress(message: str) -> None:
+    print(f"[compress {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return choice
+
+
+def cmd_run(args) -> int:
+    from compression import data
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    data.resolve_data_dir(args.data)  # fail on a bad folder before loading any model
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    device = _device(args.device)
+    from compression import pipeline, report  # slow imports, after the arguments are known to be good
+
+    results = pipeline.run(args.profile, args.base, args.data, args.cache, device, args.threads, _progress)
+    written = report.write_results(results, args.out)
+    print(report.table(results["variants"]))
+    _progress("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _read_results(path: Path) -> dict:
+    from compression.gate import validate_results
+    from compression.models import read_json
+
+    return validate_results(read_json(path), path)
+
+
+def cmd_check(args) -> int:
+    from compression import gate
+
+    results = _read_results(args.results)
+    findings = gate.check(results, gate.load_baselines(args.baselines))
+    width = max(len(f.variant) for f in findings) if findings else 0
+    print(f"| {'variant':<{width}} | metric | budget | value | result |\n|:--|:--|--:|--:|:--|")
+    for f in findings:
+        value = "missing" if f.value is None else f"{f.value:g}"
+        print(f"| {f.variant:<{width}} | {f.metric} | {f.comparison} {f.budget:g} | {value} | "
+              f"{'pass' if f.ok else 'FAIL'} |")
+    failed = [f for f in findings if not f.ok]
+    for f in failed:
+        print(gate.failure_message(f, str(args.results)), file=sys.stderr)
+    print(f"{len(findings) - len(failed)} passed, {len(failed)} failed")
+    return EXIT_BREACH if failed else 0
+
+
+def cmd_baselines(args) -> int:
+    from compression import gate, report
+
+    results = _read_results(args.accept)
+    if args.baselines.exists():
+        current = gate.load_baselines(args.baselines)
+    else:
+        current = {"schema_version": gate.SCHEMA_VERSION, "profiles": {}, "gpu": {}}
+    new, changes = gate.accept(results, current)
+    report.write_atomic(args.baselines, (json.dumps(new, indent=2) + "\n").encode())
+    for line in changes or ["no change"]:
+        print(line)
+    print(f"wrote {args.baselines}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # e.g. the base model's "classifier newly initialised" report
+    commands = {"run": cmd_run, "check": cmd_check, "baselines": cmd_baselines}
+    try:
+        return commands[args.command](args)
+    except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option
+        print(f"compress {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"compress {args.command}: interrupted (cached artifacts and results are written whole or not at "
+              "all)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

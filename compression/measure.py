@@ -1,0 +1,132 @@
+"""Measuring a model: predictions, accuracy (through `evaluate`), batch-1 latency and batch-32 throughput.
+
+Every variant, PyTorch or ONNX Runtime, is called the same way: ``model(**batch).logits`` on a padded batch of
+``input_ids``, ``attention_mask`` (and ``token_type_ids``), so one set of functions measures them all.
+Named `measure` rather than `evaluate` so as not to shadow the `evaluate` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from compression.data import MODEL_INPUTS, batches
+
+log = logging.getLogger(__name__)
+
+METRIC_SCRIPT = Path(__file__).parent / "metrics" / "accuracy.py"
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-example latency at batch size 1, in milliseconds."""
+
+    median: float
+    p90: float
+    samples: int
+
+
+@lru_cache(maxsize=1)
+def _accuracy_metric():
+    import evaluate  # slow to import; only measurement needs it
+
+    # The packaged script, not evaluate.load("accuracy"), which would fetch it from the hub.
+    return evaluate.load(str(METRIC_SCRIPT))
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a classifier takes, dropping bookkeeping such as `index`."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs must go (CPU for parameterless wrappers such as ONNX Runtime sessions)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, ds: datasets.Dataset, tokenizer, batch_size: int = 64) -> np.ndarray:
+    """Predicted labels [N] for a tokenized split, in the split's order."""
+    device = model_device(model)
+    preds = np.empty(len(ds), dtype=np.int64)
+    for batch in batches(ds, tokenizer, batch_size):
+        logits = model(**to_device(model_inputs(batch), device)).logits
+        preds[batch["index"].numpy()] = logits.argmax(-1).cpu().numpy()
+    return preds
+
+
+def accuracy(predictions: np.ndarray, references) -> float:
+    """Accuracy in percent, computed by the `evaluate` accuracy metric."""
+    result = _accuracy_metric().compute(predictions=list(map(int, predictions)), references=list(map(int, references)))
+    return 100.0 * result["accuracy"]
+
+
+def flips(predictions: np.ndarray, reference_predictions: np.ndarray) -> int:
+    """How many examples are predicted differently from a reference model (the paired signal)."""
+    return int((np.asarray(predictions) != np.asarray(reference_predictions)).sum())
+
+
+def single_examples(ds: datasets.Dataset, tokenizer, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Batch-size-1 model inputs for the first `limit` rows (all rows if None), in order."""
+    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
+    return [model_inputs(b) for b in batches(rows, tokenizer, 1, by_length=False)]
+
+
+@torch.inference_mode()
+def latency(
+    model: torch.nn.Module, examples: list[dict[str, torch.Tensor]], warmup: int = 20, repeats: int = 1
+) -> Latency:
+    """Median and p90 of per-example batch-1 forward time over `examples` (each run `repeats` times).
+
+    The first `warmup` examples are run untimed first (allocator, kernel choice, lazy initialisation).
+    CUDA is synchronised around each call so the time is the whole forward, not its launch.
+    """
+    if not examples:
+        raise ValueError("latency needs at least one example")
+    device = model_device(model)
+    cuda = device.type == "cuda"
+    examples = [to_device(e, device) for e in examples]
+    for e in examples[:warmup]:
+        model(**e)
+    times = []
+    for _ in range(repeats):
+        for e in examples:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**e)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000.0)
+    # inclusive: a p90 inside the measured range even for a handful of samples
+    deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return Latency(median=statistics.median(times), p90=deciles[8], samples=len(times))
+
+
+@torch.inference_mode()
+def throughput(model: torch.nn.Module, ds: datasets.Dataset, tokenizer, batch_size: int = 32) -> float:
+    """Examples per second over a whole tokenized split at `batch_size` (length-sorted batches)."""
+    device = model_device(model)
+    prepared = [to_device(model_inputs(b), device) for b in batches(ds, tokenizer, batch_size)]
+    model(**prepared[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in prepared:
+        model(**b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(ds) / (time.perf_counter() - start)

@@ -1,0 +1,250 @@
+"""Structural attention-head pruning for BERT-family sequence classifiers.
+
+transformers 5 removed `prune_heads` and `head_mask`, so head removal lives here, in three separate parts:
+- scoring: Michel et al. 2019's importance, E_x |dL/dξ_h| for a gate ξ_h on each head's context, normalised
+  per layer (`head_importance`);
+- choosing: a keep-mask from scores, a pure function on tensors (`keep_mask_from_scores`);
+- surgery: cutting the kept heads' rows out of Q/K/V and columns out of `attention.output.dense`
+  (`prune_heads_`), so the model really is smaller and faster, not masked.
+
+Head indices always refer to the original heads of the unpruned model; a pruned model carries them in its config
+(`kept_heads`, a list per layer) so that it can be saved and loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KEPT_HEADS_KEY = "kept_heads"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How many heads go and how their importance is estimated."""
+
+    remove: float = 0.25  # a fraction of all heads (0 < x < 1), or a count (a whole number >= 1)
+    importance_batches: int = 64  # training batches of gradients accumulated into the scores
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if not (0 < self.remove < 1 or (self.remove >= 1 and float(self.remove).is_integer())):
+            raise ValueError(f"remove must be a fraction in (0, 1) or a whole count >= 1, got {self.remove}")
+        if self.importance_batches < 1:
+            raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# --- model structure ---------------------------------------------------------------------------------------
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """Each encoder layer's `attention` block (holding `.self` and `.output.dense`), in order."""
+    found = [
+        m
+        for m in model.modules()
+        if hasattr(m, "self") and hasattr(m, "output") and hasattr(getattr(m, "output"), "dense")
+        and hasattr(getattr(m, "self"), "query")
+    ]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no BERT-style attention layers (attention.self.query) to prune")
+    return found
+
+
+def kept_heads(model: nn.Module) -> list[list[int]]:
+    """Original indices of the heads each layer still has."""
+    stored = getattr(model.config, KEPT_HEADS_KEY, None)
+    if stored is not None:
+        return [list(layer) for layer in stored]
+    return [list(range(a.self.num_attention_heads)) for a in attention_layers(model)]
+
+
+def keep_mask_from_kept(kept: list[list[int]], num_heads: int) -> torch.Tensor:
+    """bool [layers, num_heads] with True at the listed heads."""
+    mask = torch.zeros(len(kept), num_heads, dtype=torch.bool)
+    for layer, heads in enumerate(kept):
+        for h in heads:
+            if not 0 <= h < num_heads:
+                raise ValueError(f"head index {h} in layer {layer} is out of range 0..{num_heads - 1}")
+            mask[layer, h] = True
+    return mask
+
+
+def check_mask(keep: torch.Tensor, num_layers: int, num_heads: int) -> None:
+    """Raise ValueError unless `keep` is a bool [num_layers, num_heads] mask leaving every layer a head."""
+    if keep.dtype != torch.bool:
+        raise ValueError(f"keep mask must be bool, got {keep.dtype}")
+    if tuple(keep.shape) != (num_layers, num_heads):
+        raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({num_layers}, {num_heads})")
+    empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"keep mask removes every head of layer {empty[0]}; a layer must keep at least one")
+
+
+# --- surgery -----------------------------------------------------------------------------------------------
+
+
+def _rows(positions: list[int], head_size: int) -> torch.Tensor:
+    return torch.cat([torch.arange(p * head_size, (p + 1) * head_size) for p in positions])
+
+
+def _cut(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping `index` along `dim` of the weight (0: outputs, 1: inputs)."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
+    bias = linear.bias.detach().clone() if linear.bias is not None else None
+    if dim == 0 and bias is not None:
+        bias = bias[index.to(bias.device)]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    if bias is not None:
+        out.bias.data.copy_(bias)
+    return out
+
+
+@torch.no_grad()
+def prune_heads_(model: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """Remove, in place, every head whose `keep[layer, head]` is False (bool [layers, original heads]).
+
+    Heads already removed must be False. Returns `model`, whose config records the heads kept.
+    """
+    layers = attention_layers(model)
+    num_heads = model.config.num_attention_heads
+    check_mask(keep, len(layers), num_heads)
+    current = kept_heads(model)
+    for layer_index, (attention, have) in enumerate(zip(layers, current)):
+        want = keep[layer_index].nonzero().flatten().tolist()
+        gone = [h for h in want if h not in have]
+        if gone:
+            raise ValueError(f"keep mask keeps head {gone[0]} of layer {layer_index}, which was already removed")
+        if want == have:
+            continue
+        self_attn = attention.self
+        index = _rows([have.index(h) for h in want], self_attn.attention_head_size)
+        self_attn.query = _cut(self_attn.query, index, 0)
+        self_attn.key = _cut(self_attn.key, index, 0)
+        self_attn.value = _cut(self_attn.value, index, 0)
+        attention.output.dense = _cut(attention.output.dense, index, 1)
+        self_attn.num_attention_heads = len(want)
+        self_attn.all_head_size = len(want) * self_attn.attention_head_size
+        current[layer_index] = want
+    setattr(model.config, KEPT_HEADS_KEY, current)
+    return model
+
+
+# --- gates on head outputs (importance, and the tests' reference for equivalence) ---------------------------
+
+
+@contextlib.contextmanager
+def head_gates(model: nn.Module, gate_fn) -> Iterator[list[torch.Tensor]]:
+    """Multiply each head's context by a gate while inside the block.
+
+    `gate_fn(layer_index, batch_size, heads) -> Tensor [B, heads]` makes the gate for each forward; the gates
+    used are appended to the yielded list in call order (one per layer per forward).
+    """
+    used: list[torch.Tensor] = []
+    handles = []
+
+    def hook_for(layer_index: int, head_size: int):
+        def pre_hook(module, args):
+            (context,) = args  # [B, T, heads * head_size]
+            b, t, width = context.shape
+            heads = width // head_size
+            gate = gate_fn(layer_index, b, heads)
+            used.append(gate)
+            gated = context.view(b, t, heads, head_size) * gate.to(context.dtype)[:, None, :, None]
+            return (gated.view(b, t, width),)
+
+        return pre_hook
+
+    try:
+        for i, attention in enumerate(attention_layers(model)):
+            hook = hook_for(i, attention.self.attention_head_size)
+            handles.append(attention.output.dense.register_forward_pre_hook(hook))
+        yield used
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def head_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Importance [layers, heads] of an unpruned model: sum over examples of |dL/dξ_h|, L2-normalised per layer.
+
+    `batches` yield model inputs with `labels`; L is the model's own loss (cross-entropy on the labels).
+    """
+    if getattr(model.config, KEPT_HEADS_KEY, None) is not None:
+        raise ValueError("head_importance needs an unpruned model (this one already has heads removed)")
+    layers = attention_layers(model)
+    device = next(model.parameters()).device
+    scores = torch.zeros(len(layers), model.config.num_attention_heads, dtype=torch.float64)
+    was_training = model.training
+    model.eval()  # no dropout: the score is of the deterministic function
+    count = 0
+
+    def make_gate(layer_index, b, heads):
+        return torch.ones(b, heads, device=device, requires_grad=True)
+
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with head_gates(model, make_gate) as gates:
+                loss = model(**batch).loss
+                grads = torch.autograd.grad(loss, gates)
+            for layer_index, g in enumerate(grads):
+                scores[layer_index] += g.abs().sum(0).double().cpu()
+            count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("head_importance got no batches")
+    return normalize_per_layer(scores).float()
+
+
+# --- choosing ----------------------------------------------------------------------------------------------
+
+
+def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:
+    """scores [L, H] divided by each layer's L2 norm (Michel et al.: makes layers comparable)."""
+    norms = scores.norm(dim=1, keepdim=True)
+    return scores / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def heads_to_remove(remove: float, num_layers: int, num_heads: int) -> int:
+    """The count that `remove` (a fraction or a count) asks for; ValueError if it would empty a layer."""
+    total = num_layers * num_heads
+    n = round(remove * total) if 0 < remove < 1 else int(remove)
+    if n < 0 or n > num_layers * (num_heads - 1):
+        raise ValueError(
+            f"cannot remove {n} of {total} heads: each of the {num_layers} layers must keep one "
+            f"(at most {num_layers * (num_heads - 1)})"
+        )
+    return n
+
+
+def keep_mask_from_scores(scores: torch.Tensor, remove: float) -> torch.Tensor:
+    """bool [L, H] keep-mask removing the `remove` lowest-scoring heads, globally ranked.
+
+    Each layer's best head is never removed, so no layer is emptied; among all other heads, no kept head scores
+    below a removed one. Ties go to the lower (layer, head) index being removed first.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [layers, heads], got shape {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity")
+    num_layers, num_heads = scores.shape
+    n = heads_to_remove(remove, num_layers, num_heads)
+    keep = torch.ones(num_layers, num_heads, dtype=torch.bool)
+    protected = torch.zeros_like(keep)
+    protected[torch.arange(num_layers), scores.argmax(dim=1)] = True
+    flat = scores.flatten()
+    order = sorted(range(flat.numel()), key=lambda i: (flat[i].item(), i))
+    candidates = [i for i in order if not protected.flatten()[i]]
+    keep.view(-1)[torch.tensor(candidates[:n], dtype=torch.long)] = False
+    return keep

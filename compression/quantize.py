@@ -1,0 +1,266 @@
+"""8-bit quantization of a classifier, two ways, with save and load for each.
+
+- `bnb8`: bitsandbytes LLM.int8 (`Linear8bitLt`, outlier threshold 6.0) in place of every `nn.Linear` but the
+  classifier, on GPU or CPU. Saved as safetensors: per-row int8 codes and their absmax (`compression.int8`).
+- `int8`: the fastest 8-bit path on CPU, chosen by measurement (benchmarks/int8_backends.py): the model exported
+  to ONNX and quantized by ONNX Runtime's dynamic quantization (int8 weights per tensor, activations quantized
+  per call, VNNI/AMX kernels), embeddings included. The saved artifact is the `.onnx` file.
+
+`quantize(model, config)` returns the quantized model; `quantize_bnb8_` works in place like torchao's
+`quantize_`. Every result is called as ``model(**batch).logits``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from compression.int8 import dequantize_rows, quantize_rows
+from compression.models import load_classifier
+from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
+
+log = logging.getLogger(__name__)
+
+QUANT_FILE = "quantization.json"
+ONNX_FILE = "model.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Bnb8Config:
+    """bitsandbytes LLM.int8."""
+
+    threshold: float = 6.0  # activation outliers above this stay in fp16 (LLM.int8's mixed decomposition)
+    skip: tuple[str, ...] = ("classifier",)  # module name prefixes kept in full precision
+
+    def __post_init__(self):
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """ONNX Runtime dynamic int8, the default CPU path."""
+
+    quantize_embeddings: bool = True  # embeddings are about half the default base's parameters
+    per_channel: bool = False  # per-tensor weights: ORT's fastest x86 kernels; accuracy checked in measure
+    threads: int | None = None  # intra-op threads; None = torch.get_num_threads()
+    opset: int = 17
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+
+
+def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every nn.Linear not under a skipped prefix; ValueError if there is none."""
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)
+    ]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no linear layers to quantize")
+    return found
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# --- bnb8 ------------------------------------------------------------------------------------------------
+
+
+def quantize_bnb8_(model: nn.Module, config: Bnb8Config = Bnb8Config()) -> nn.Module:
+    """Replace each quantizable nn.Linear by bitsandbytes' Linear8bitLt, in place, on the model's device."""
+    import bitsandbytes as bnb  # imported lazily: it probes for CUDA and logs at import
+
+    # bnb warns on every CPU forward that fp32 inputs are cast to fp16: expected for LLM.int8, not news.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    for name, linear in linear_layers(model, config.skip):
+        device = linear.weight.device
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            has_fp16_weights=False, threshold=config.threshold,
+        )
+        q.weight = bnb.nn.Int8Params(linear.weight.data.float().cpu(), requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        _set_module(model, name, q.to(device))  # .to() is what quantizes the weight to int8
+    model.quantization = ("bnb8", config)
+    return model.eval()
+
+
+def _bnb8_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State for safetensors: int8 codes + absmax for quantized linears, everything else as it is."""
+    import bitsandbytes as bnb
+
+    state = {}
+    quantized = set()
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            state[f"{name}.weight"] = m.weight.data.to(torch.int8).cpu().contiguous()
+            # SCB moves from the weight to the layer's state on the first forward
+            absmax = m.weight.SCB if getattr(m.weight, "SCB", None) is not None else m.state.SCB
+            state[f"{name}.weight_absmax"] = absmax.float().cpu().contiguous()
+            quantized.add(f"{name}.weight")
+    for key, value in model.state_dict().items():
+        if key in quantized or key.endswith((".SCB", ".weight_format")) or key in state:
+            continue
+        state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def _load_bnb8(folder: Path, config: Bnb8Config, device: str) -> PreTrainedModel:
+    """Rebuild the fp32 skeleton, put dequantized weights in it, and quantize again: the same codes come back."""
+    model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    kept = getattr(model_config, KEPT_HEADS_KEY, None)
+    if kept is not None:
+        delattr(model_config, KEPT_HEADS_KEY)
+    model = AutoModelForSequenceClassification.from_config(model_config)
+    if kept is not None:
+        prune_heads_(model, keep_mask_from_kept(kept, model_config.num_attention_heads))
+    state = load_file(folder / "model.safetensors")
+    for key in [k for k in state if k.endswith(".weight_absmax")]:
+        weight_key = key.removesuffix("_absmax")
+        state[weight_key] = dequantize_rows(state[weight_key], state.pop(key))
+    model.load_state_dict(state, strict=True)
+    return quantize_bnb8_(model.to(device).eval(), config)  # bnb quantizes when a weight reaches its device
+
+
+# --- int8 (ONNX Runtime) ---------------------------------------------------------------------------------
+
+
+class OnnxClassifier(nn.Module):
+    """An ONNX Runtime session behind the transformers classifier call: ``model(**batch).logits`` [B, C]."""
+
+    def __init__(self, onnx_bytes: bytes, config, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.onnx_bytes = onnx_bytes
+        self.config = config
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> SequenceClassifierOutput:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        feed = {}
+        for name in self.input_names:
+            value = given[name]
+            if value is None:
+                value = torch.ones_like(input_ids) if name == "attention_mask" else torch.zeros_like(input_ids)
+            feed[name] = value.cpu().numpy().astype(np.int64, copy=False)
+        (logits,) = self.session.run(["logits"], feed)
+        return SequenceClassifierOutput(logits=torch.from_numpy(logits))
+
+
+def export_onnx(model: PreTrainedModel, path: Path, opset: int = 17) -> None:
+    """Export an fp32 classifier to ONNX with dynamic batch and sequence axes."""
+    linear_layers(model)
+    model = model.eval().cpu()
+    names = [n for n in INPUT_NAMES if n != "token_type_ids" or model.config.type_vocab_size > 0]
+    example = {n: torch.ones(2, 8, dtype=torch.long) for n in names}
+    example["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches in transformers
+        # The TorchScript exporter: one self-contained file, and the graph ORT's BERT fusions know best.
+        torch.onnx.export(
+            model, tuple(example[n] for n in names), str(path), input_names=names, output_names=["logits"],
+            dynamic_axes=axes, opset_version=opset, dynamo=False,
+        )
+
+
+def quantize_int8(model: PreTrainedModel, config: Int8Config = Int8Config()) -> OnnxClassifier:
+    """ONNX Runtime dynamic int8 of an fp32 classifier (the model itself is left unchanged)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="compression-onnx-") as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, fp32, config.opset)
+        ops = ["MatMul", "Gemm"] + (["Gather"] if config.quantize_embeddings else [])
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" warning on the root logger
+        try:
+            quantize_dynamic(
+                fp32, int8, weight_type=QuantType.QInt8, per_channel=config.per_channel, op_types_to_quantize=ops,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        finally:
+            root.setLevel(level)
+        data = int8.read_bytes()
+    out = OnnxClassifier(data, model.config, config.threads)
+    out.quantization = ("int8", config)
+    return out
+
+
+# --- one entry point, save, load -------------------------------------------------------------------------
+
+
+def quantize(model: PreTrainedModel, config: Bnb8Config | Int8Config) -> nn.Module:
+    """The quantized model for `config`: bnb8 works on (and returns) `model`; int8 returns a new ONNX model."""
+    if isinstance(config, Bnb8Config):
+        return quantize_bnb8_(model, config)
+    if isinstance(config, Int8Config):
+        return quantize_int8(model, config)
+    raise ValueError(f"unknown quantization config {config!r}")
+
+
+def backend_name(model: nn.Module) -> str:
+    """How a model runs, for the results table."""
+    kind = getattr(model, "quantization", (None,))[0]
+    if kind == "int8":
+        return "onnxruntime-int8"
+    device = next(iter(model.parameters())).device.type
+    return f"bnb-llm.int8 ({device})" if kind == "bnb8" else f"pytorch-fp32 ({device})"
+
+
+def save_quantized(model: nn.Module, tokenizer, folder: str | Path) -> None:
+    """Write a quantized model (and its tokenizer) into `folder`, which the caller owns."""
+    folder = Path(folder)
+    kind, config = model.quantization
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if kind == "int8":
+        (folder / ONNX_FILE).write_bytes(model.onnx_bytes)
+    else:
+        save_file(_bnb8_state(model), folder / "model.safetensors")
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
+    (folder / QUANT_FILE).write_text(json.dumps({"backend": kind, "config": settings}, indent=1) + "\n")
+
+
+def load_model(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, "AutoTokenizer"]:
+    """Load any saved variant onto `device`: fp32 (pruned or not), bnb8 or int8 (ONNX Runtime, always CPU)."""
+    folder = Path(folder)
+    if not (folder / QUANT_FILE).is_file():
+        model, tokenizer = load_classifier(folder)
+        return model.to(device), tokenizer
+    meta = json.loads((folder / QUANT_FILE).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+    if meta["backend"] == "int8":
+        config = Int8Config(**settings)
+        model = OnnxClassifier((folder / ONNX_FILE).read_bytes(), AutoConfig.from_pretrained(folder), config.threads)
+        model.quantization = ("int8", config)
+        return model, tokenizer
+    if meta["backend"] == "bnb8":
+        return _load_bnb8(folder, Bnb8Config(**settings), device), tokenizer
+    raise ValueError(f"{folder / QUANT_FILE}: unknown backend {meta['backend']!r}")

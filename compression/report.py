@@ -1,0 +1,114 @@
+"""The results table (printed and results.md), results.json and the Pareto plot, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# BERT-base-uncased on SST-2, Colab T4 GPU: the table this project reproduces and beats.
+# (name, parameters, size MB, val acc %, latency ms)
+REFERENCE = (
+    ("bert_sst2_baseline", 109_483_778, 418.58, 92.55, 9.92),
+    ("bert_sst2_baseline_quantized", 109_483_778, 209.75, 92.55, 9.63),
+    ("bert_sst2_student", 66_955_010, 256.33, 91.51, 4.89),
+    ("bert_sst2_student_quantized", 66_955_010, 128.62, 91.51, 4.75),
+    ("head_pruned_student", 59_870_210, 229.31, 89.79, 4.26),
+    ("head_pruned_student_quantized", 59_870_210, 115.11, 89.79, 4.17),
+)
+
+
+def table(variants: list[dict]) -> str:
+    """Markdown table in the reference table's columns, plus p90 latency and the backend."""
+    lines = [
+        "| # | Parameters | Size (MB) | Val Acc (%) | Latency (ms) | p90 (ms) | Model | Backend |",
+        "|--:|--:|--:|--:|--:|--:|:--|:--|",
+    ]
+    for i, v in enumerate(variants, start=1):
+        lines.append(
+            f"| {i} | {v['parameters']:,} | {v['size_mb']:.2f} | {v['val_accuracy']:.2f} | "
+            f"{v['latency_ms']['median']:.2f} | {v['latency_ms']['p90']:.2f} | {v['name']} | {v['backend']} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
+    return (
+        f"# Results ({results['profile']} profile)\n\n"
+        f"Base: {results['base']}. Data: {results['data']}. Measured on {where}; latency is per example at "
+        f"batch size 1 (median and p90 over validation sentences), sizes are MiB of the saved weights.\n\n"
+        f"{table(results['variants'])}\n"
+    )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so `path` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(results: dict, out: Path) -> list[Path]:
+    """results.json, results.md and pareto.png into `out`; returns the paths written."""
+    written = []
+    json_path, md_path, png_path = out / "results.json", out / "results.md", out / "pareto.png"
+    write_atomic(json_path, (json.dumps(results, indent=2) + "\n").encode())
+    write_atomic(md_path, markdown(results).encode())
+    write_atomic(png_path, pareto_png(results["variants"]))
+    written += [json_path, md_path, png_path]
+    return written
+
+
+def pareto_png(variants: list[dict]) -> bytes:
+    """Two panels: accuracy vs latency (this run) and accuracy vs size (this run beside the reference table)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    xs = [v["latency_ms"]["median"] for v in variants]
+    ys = [v["val_accuracy"] for v in variants]
+    left.scatter(xs, ys, color="tab:blue", label="this run")
+    for v, x, y in zip(variants, xs, ys):
+        left.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    left.set_xlabel("latency per example, batch 1 (ms, median)")
+    left.set_ylabel("SST-2 validation accuracy (%)")
+    left.set_title("Accuracy against latency (this run)")
+    left.grid(alpha=0.3)
+    left.legend(loc="lower right")
+
+    sizes = [v["size_mb"] for v in variants]
+    right.scatter(sizes, ys, color="tab:blue", label="this run")
+    for v, x, y in zip(variants, sizes, ys):
+        right.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ref_sizes = [r[2] for r in REFERENCE]
+    ref_acc = [r[3] for r in REFERENCE]
+    right.scatter(ref_sizes, ref_acc, color="tab:orange", marker="s", label="reference (BERT-base, T4)")
+    for r in REFERENCE:
+        right.annotate(r[0], (r[2], r[3]), textcoords="offset points", xytext=(4, -9), fontsize=7, color="tab:orange")
+    right.set_xscale("log")
+    right.set_xlabel("size on disk (MB, log scale)")
+    right.set_ylabel("SST-2 validation accuracy (%)")
+    right.set_title("Accuracy against size")
+    right.grid(alpha=0.3, which="both")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()

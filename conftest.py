@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random BERT classifier and tokenizer built in-process (nothing downloaded).
+
+Modelled on transformers' `BertModelTester`: a config small enough that a forward pass takes a millisecond, with
+dropout off so that outputs are deterministic. Session-scoped objects are copied per test by the function-scoped
+fixtures, since pruning and quantization mutate models in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the a an movie film story plot acting actors director script scenes ending music "
+    "good great fun funny moving charming smart fresh brilliant beautiful warm "
+    "bad dull boring flat tired stupid awful mess weak slow "
+    "not very too quite really never ever , . ! ' s"
+).split()
+POSITIVE = {"good", "great", "fun", "funny", "moving", "charming", "smart", "fresh", "brilliant", "beautiful", "warm"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where none is available")
+    config.addinivalue_line("markers", "slow: loads the real embedded model or trains on real data")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_session(tiny_config):
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_config).eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_model_session):
+    """A fresh copy per test: verbs such as prune_heads_ and quantize_bnb8_ work in place."""
+    return copy.deepcopy(tiny_model_session)
+
+
+@pytest.fixture(scope="session")
+def tiny_batch(tiny_tokenizer):
+    sentences = ["a good movie .", "not very funny , too slow", "the acting is brilliant !", "dull"]
+    return dict(tiny_tokenizer(sentences, padding=True, return_tensors="pt"))
+
+
+def make_sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Synthetic SST-2-like rows: the label is whether positive words outnumber the others."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS[:-6]) for _ in range(rng.randint(2, 12))]
+        pos = sum(w in POSITIVE for w in words)
+        rows.append((" ".join(words), int(pos * 2 > sum(w not in POSITIVE for w in words[:4]))))
+    return rows
+
+
+def write_tsv(path: Path, rows, header: str = "sentence\tlabel") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "".join(f"{s}\t{label}\n" for s, label in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def sst2_dir(tmp_path) -> Path:
+    """A small GLUE-layout SST-2 folder written for one test."""
+    folder = tmp_path / "sst2"
+    write_tsv(folder / "train.tsv", make_sentences(96, seed=1))
+    write_tsv(folder / "dev.tsv", make_sentences(32, seed=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, tiny_model_session, tiny_tokenizer) -> Path:
+    """The tiny model saved as a base-model folder (for --base and the pipeline)."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tiny_model_session.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,287 @@
+"""compression.cli: exit codes (0 ok, 1 breach, 2 bad input), one-line errors, and the check/accept round trip.
+
+Nothing here trains or loads a model: `run` is only exercised on inputs it must reject before doing any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compression.pipeline  # noqa: F401  (imported up front so its import-time warnings are not in capsys)
+from compression import cli
+from compression.cli import EXIT_BREACH, EXIT_ERROR, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(name, acc, flips, size, median):
+    return {
+        "name": name, "parameters": 1_000_000, "size_mb": size, "val_accuracy": acc, "flips": flips,
+        "latency_ms": {"median": median, "p90": median * 1.5, "samples": 300}, "throughput_per_s": 50.0,
+        "backend": "pytorch fp32",
+    }
+
+
+def results_doc(**changes):
+    variants = [
+        row("teacher", 90.0, 0, 86.65, 10.0),
+        row("student", 88.8, 40, 43.2, 5.0),
+        row("student_int8", 88.4, 52, 11.3, 2.0),
+    ]
+    for v in variants:
+        v.update(changes.get(v["name"], {}))
+    return {
+        "schema_version": 1, "profile": "smoke", "base": "tiny", "data": "sst2",
+        "environment": {"device": "cpu", "gpu": None, "cpu": "Test CPU", "threads": 2},
+        "variants": variants,
+    }
+
+
+def write_json(path: Path, doc) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def stderr_lines(captured) -> list[str]:
+    return [line for line in captured.err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def accepted(tmp_path, capsys):
+    """results.json and a baselines.json accepted from it."""
+    results = write_json(tmp_path / "results.json", results_doc())
+    baselines = tmp_path / "baselines.json"
+    assert main(["baselines", "--accept", str(results), "--baselines", str(baselines)]) == 0
+    capsys.readouterr()
+    return results, baselines
+
+
+# --- run: bad input is exit 2 and one line -----------------------------------------------------------------
+
+
+def test_run_missing_data_dir(capsys):
+    assert main(["run", "--data", "/no/such/dir"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    lines = stderr_lines(captured)
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("compress run: error: ")
+    assert "/no/such/dir" in lines[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_run_missing_data_dir_subprocess(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COMPRESSION_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "compression.cli", "run", "--data", "/no/such/dir", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    # Third-party import warnings (e.g. a broken optional torchao build) may precede it; the tool's own
+    # output is exactly one line, and it is the last one.
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("compress ")]
+    assert len(ours) == 1 and ours[0] == proc.stderr.rstrip("\n").splitlines()[-1]
+    assert ours[0].startswith("compress run: error: /no/such/dir")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("threads", ["0", "-3"])
+def test_run_bad_threads(capsys, sst2_dir, threads):
+    assert main(["run", "--threads", threads, "--data", str(sst2_dir)]) == EXIT_ERROR
+    lines = stderr_lines(capsys.readouterr())
+    assert len(lines) == 1
+    assert "--threads" in lines[0] and threads in lines[0]
+
+
+def test_run_out_is_a_file(capsys, sst2_dir, tmp_path):
+    out = tmp_path / "results"
+    out.write_text("not a folder")
+    assert main(["run", "--data", str(sst2_dir), "--out", str(out)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(out) in line and "not a folder" in line
+
+
+def test_run_data_from_env_missing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SST2_DIR", str(tmp_path / "gone"))
+    assert main(["run"]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(tmp_path / "gone") in line
+
+
+def test_run_unknown_profile_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--profile", "huge"])
+    assert exc.value.code == 2
+    assert "huge" in capsys.readouterr().err
+
+
+def test_no_command_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+# --- check -------------------------------------------------------------------------------------------------
+
+
+def test_check_missing_results_file(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    missing = tmp_path / "nowhere" / "results.json"
+    assert main(["check", str(missing), "--baselines", str(baselines)]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    (line,) = stderr_lines(captured)
+    assert line.startswith("compress check: error: ") and str(missing) in line
+    assert "Traceback" not in captured.err
+
+
+def test_check_missing_default_baselines(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "results.json", results_doc())
+    assert main(["check", "results.json"]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert "baselines.json" in line and "no such file" in line
+
+
+def test_check_baselines_with_unknown_key(capsys, tmp_path, accepted):
+    results, baselines = accepted
+    doc = json.loads(baselines.read_text())
+    doc["profiles"]["smoke"]["student"]["max_acuracy"] = 90
+    write_json(baselines, doc)
+    assert main(["check", str(results), "--baselines", str(baselines)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(baselines) in line
+    assert "profiles.smoke.student.max_acuracy" in line
+
+
+def test_check_passing_run(capsys, accepted):
+    results, baselines = accepted
+    assert main(["check", str(results), "--baselines", str(baselines)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    # 3 variants x (accuracy, drop, flips, size) + 2 latency ratios
+    assert out[-1] == "14 passed, 0 failed"
+    assert "| variant" in out[0]
+    assert sum("| pass |" in line for line in out) == 14
+    assert stderr_lines(captured) == []
+
+
+def test_check_breaching_run(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    worse = write_json(tmp_path / "worse.json", results_doc(student_int8={"val_accuracy": 85.4}))
+    assert main(["check", str(worse), "--baselines", str(baselines)]) == EXIT_BREACH
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == "12 passed, 2 failed"
+    assert sum("| FAIL |" in line for line in captured.out.splitlines()) == 2
+    lines = stderr_lines(captured)
+    assert len(lines) == 2
+    assert all(line.startswith("student_int8: ") for line in lines)
+    assert any("val_accuracy 85.4" in line for line in lines)
+    assert any("accuracy_drop 4.6" in line for line in lines)
+    assert all(f"compress baselines --accept {worse}" in line for line in lines)
+
+
+def test_check_results_missing_variants(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    doc = results_doc()
+    del doc["variants"]
+    bad = write_json(tmp_path / "bad.json", doc)
+    assert main(["check", str(bad), "--baselines", str(baselines)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(bad) in line and "'variants'" in line
+
+
+def test_check_results_variant_missing_a_figure(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    doc = results_doc()
+    del doc["variants"][1]["size_mb"]
+    bad = write_json(tmp_path / "bad.json", doc)
+    assert main(["check", str(bad), "--baselines", str(baselines)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(bad) in line and "size_mb" in line
+
+
+def test_check_results_not_json(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    bad = tmp_path / "results.json"
+    bad.write_text("{truncated")
+    assert main(["check", str(bad), "--baselines", str(baselines)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(bad) in line and "not valid JSON" in line
+
+
+# --- baselines --accept ------------------------------------------------------------------------------------
+
+
+def test_accept_creates_baselines_then_check_passes(capsys, tmp_path):
+    results = write_json(tmp_path / "results.json", results_doc())
+    new = tmp_path / "sub" / "new.json"
+    assert main(["baselines", "--accept", str(results), "--baselines", str(new)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert new.is_file()
+    doc = json.loads(new.read_text())
+    assert doc["schema_version"] == 1
+    assert set(doc["profiles"]["smoke"]) == {"teacher", "student", "student_int8"}
+    assert "smoke.student_int8.max_flips: None -> 56" in out
+    assert "smoke.teacher.min_accuracy: None -> 89.4" in out
+    assert out[-1] == f"wrote {new}"
+    assert len(out) == 3 * 4 + 2 + 1  # one line per new budget, then "wrote"
+
+    assert main(["check", str(results), "--baselines", str(new)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "14 passed, 0 failed"
+
+    # accepting the same run again changes nothing
+    assert main(["baselines", "--accept", str(results), "--baselines", str(new)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["no change", f"wrote {new}"]
+    assert [p.name for p in new.parent.iterdir()] == ["new.json"]  # no temporary files left
+
+
+def test_accept_a_regression_then_it_passes(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    worse = write_json(tmp_path / "worse.json", results_doc(student={"flips": 80}))
+    assert main(["check", str(worse), "--baselines", str(baselines)]) == EXIT_BREACH
+    assert main(["baselines", "--accept", str(worse), "--baselines", str(baselines)]) == 0
+    assert "smoke.student.max_flips: 44 -> 84" in capsys.readouterr().out.splitlines()
+    assert main(["check", str(worse), "--baselines", str(baselines)]) == 0
+
+
+def test_accept_malformed_results(capsys, tmp_path):
+    doc = results_doc()
+    del doc["variants"]
+    bad = write_json(tmp_path / "results.json", doc)
+    target = tmp_path / "baselines.json"
+    assert main(["baselines", "--accept", str(bad), "--baselines", str(target)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert line.startswith("compress baselines: error: ") and "'variants'" in line and str(bad) in line
+    assert not target.exists()
+
+
+def test_accept_gpu_run_refused(capsys, tmp_path):
+    doc = results_doc()
+    doc["environment"]["gpu"] = "Tesla T4"
+    results = write_json(tmp_path / "results.json", doc)
+    target = tmp_path / "baselines.json"
+    assert main(["baselines", "--accept", str(results), "--baselines", str(target)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert "GPU" in line
+    assert not target.exists()
+
+
+def test_accept_into_invalid_existing_baselines(capsys, tmp_path):
+    results = write_json(tmp_path / "results.json", results_doc())
+    target = write_json(tmp_path / "baselines.json", {"schema_version": 7, "profiles": {}})
+    assert main(["baselines", "--accept", str(results), "--baselines", str(target)]) == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert str(target) in line and "schema_version" in line
+    assert json.loads(target.read_text()) == {"schema_version": 7, "profiles": {}}  # untouched
+
+
+def test_exit_codes():
+    assert (cli.EXIT_BREACH, cli.EXIT_ERROR) == (1, 2)

@@ -1,0 +1,143 @@
+"""8-bit quantization of the tiny model: fidelity, format, save/load round trips, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compression.int8 import quantize_rows, snr_db
+from compression.models import save_classifier, size_mb
+from compression.prune import prune_heads_
+from compression.quantize import (
+    Bnb8Config,
+    Int8Config,
+    OnnxClassifier,
+    backend_name,
+    linear_layers,
+    load_model,
+    quantize,
+    quantize_bnb8_,
+    save_quantized,
+)
+
+# Floors for the tiny random model's logits against fp32. Int8 of weights alone sits near 40 dB; the dynamic
+# activation quantization of ONNX Runtime and LLM.int8's fp16 path cost some of that on random weights.
+SNR_FLOOR_DB = {"bnb8": 25.0, "int8": 20.0}
+
+CONFIGS = {"bnb8": Bnb8Config(), "int8": Int8Config(threads=1)}
+
+
+@pytest.mark.parametrize("kind", ["bnb8", "int8"])
+def test_quantized_logits_keep_signal_to_noise(tiny_model, tiny_batch, kind):
+    reference = tiny_model(**tiny_batch).logits.detach()
+    q = quantize(copy.deepcopy(tiny_model), CONFIGS[kind])
+    with torch.no_grad():
+        out = q(**tiny_batch).logits
+    assert out.shape == reference.shape
+    assert snr_db(reference, out) > SNR_FLOOR_DB[kind]
+
+
+@pytest.mark.parametrize("kind", ["bnb8", "int8"])
+def test_save_then_load_gives_identical_logits(tiny_model, tiny_tokenizer, tiny_batch, tmp_path, kind):
+    q = quantize(tiny_model, CONFIGS[kind])
+    save_quantized(q, tiny_tokenizer, tmp_path)
+    loaded, tokenizer = load_model(tmp_path)
+    assert len(tokenizer) == len(tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(**tiny_batch).logits, q(**tiny_batch).logits)
+    assert backend_name(loaded) == backend_name(q)
+
+
+def test_bnb8_stores_llm_int8_codes_equal_to_the_reference_primitive(tiny_model):
+    import bitsandbytes as bnb
+
+    original = tiny_model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    quantize_bnb8_(tiny_model)
+    layer = tiny_model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(layer, bnb.nn.Linear8bitLt)
+    codes, absmax = quantize_rows(original.half().float())  # LLM.int8 quantizes the fp16 weight
+    assert torch.equal(layer.weight.data, codes)
+    assert torch.allclose(layer.weight.SCB.float(), absmax)
+
+
+def test_bnb8_keeps_the_classifier_in_full_precision(tiny_model):
+    import bitsandbytes as bnb
+
+    quantize_bnb8_(tiny_model)
+    assert type(tiny_model.classifier) is torch.nn.Linear
+    assert isinstance(tiny_model.bert.pooler.dense, bnb.nn.Linear8bitLt)
+
+
+def test_pruned_then_quantized_round_trips(tiny_model, tiny_tokenizer, tiny_batch, tmp_path):
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1, 2] = keep[3, 0] = False
+    prune_heads_(tiny_model, keep)
+    for kind in ("bnb8", "int8"):
+        q = quantize(copy.deepcopy(tiny_model), CONFIGS[kind])
+        folder = tmp_path / kind
+        folder.mkdir()
+        save_quantized(q, tiny_tokenizer, folder)
+        loaded, _ = load_model(folder)
+        with torch.no_grad():
+            assert torch.equal(loaded(**tiny_batch).logits, q(**tiny_batch).logits), kind
+
+
+def test_int8_weights_take_at_most_half_their_fp32_bytes(tiny_model):
+    """Embeddings included. (The real model's file sizes are gated in the benchmarks; on a model this small the
+    ONNX graph's own bytes would dominate the file.)"""
+    import onnx
+    from onnx import numpy_helper
+
+    def weight_bytes(model_bytes):
+        graph = onnx.load_from_string(model_bytes).graph
+        return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
+
+    fp32 = sum(p.numel() * 4 for p in tiny_model.parameters())
+    q = quantize(tiny_model, CONFIGS["int8"])
+    assert weight_bytes(q.onnx_bytes) <= 0.5 * fp32
+    embeddings = tiny_model.bert.embeddings.word_embeddings.weight
+    graph = onnx.load_from_string(q.onnx_bytes).graph
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)  # ORT stores Gather tables as uint8
+    int8_shapes = [tuple(t.dims) for t in graph.initializer if t.data_type in eight_bit]
+    assert tuple(embeddings.shape) in int8_shapes
+
+
+def test_int8_leaves_the_source_model_alone(tiny_model, tiny_batch):
+    before = tiny_model(**tiny_batch).logits.detach().clone()
+    q = quantize(tiny_model, CONFIGS["int8"])
+    assert isinstance(q, OnnxClassifier)
+    assert torch.equal(tiny_model(**tiny_batch).logits, before)
+
+
+def test_onnx_model_handles_other_batch_sizes_and_lengths(tiny_model, tiny_tokenizer):
+    q = quantize(copy.deepcopy(tiny_model), CONFIGS["int8"])
+    for sentences in (["good"], ["a", "the movie is not very good , too slow and dull"] * 3):
+        batch = dict(tiny_tokenizer(sentences, padding=True, return_tensors="pt"))
+        assert q(**batch).logits.shape == (len(sentences), 2)
+        assert torch.allclose(q(**batch).logits, tiny_model(**batch).logits, atol=0.15)
+
+
+@pytest.mark.parametrize("kind", ["bnb8", "int8"])
+def test_a_model_without_linear_layers_is_refused(kind):
+    model = torch.nn.Sequential(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="Sequential has no linear layers to quantize"):
+        quantize(model, CONFIGS[kind])
+
+
+def test_linear_layers_skips_prefixes_only(tiny_model):
+    names = [n for n, _ in linear_layers(tiny_model, ("classifier",))]
+    assert "classifier" not in names and "bert.pooler.dense" in names
+    assert len(names) == 4 * 6 + 1  # q, k, v, attention out, intermediate, output per layer + pooler
+
+
+def test_unknown_config_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="unknown quantization config"):
+        quantize(tiny_model, "int4")
+
+
+@pytest.mark.parametrize("kwargs, cls", [({"threshold": -1.0}, Bnb8Config), ({"threads": 0}, Int8Config)])
+def test_configs_validate(kwargs, cls):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        cls(**kwargs)

@@ -1,0 +1,169 @@
+"""compression.train: TrainConfig validation, the training slice, TrainingArguments, and a tiny fine-tune."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import datasets
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compression.data import tokenize
+from compression.train import TrainConfig, finetune, training_arguments, training_rows
+from conftest import make_sentences
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost ~15 ms per op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- TrainConfig -------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_valid():
+    config = TrainConfig()
+    assert (config.learning_rate, config.epochs, config.batch_size, config.max_rows, config.seed) == (
+        4e-5, 1.0, 32, None, 42)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("learning_rate", 0),
+        ("learning_rate", -1e-5),
+        ("learning_rate", float("nan")),
+        ("epochs", 0),
+        ("epochs", -1.0),
+        ("batch_size", 0),
+        ("batch_size", -8),
+        ("warmup_ratio", -0.1),
+        ("warmup_ratio", 1.0),
+        ("warmup_ratio", 1.5),
+        ("max_rows", 0),
+        ("max_rows", -100),
+    ],
+)
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{field: value})
+    assert str(err.value).startswith(f"{field} must be")
+    assert str(value) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"warmup_ratio": 0.0}, {"warmup_ratio": 0.99}, {"max_rows": 1}, {"batch_size": 1}, {"epochs": 0.5}],
+)
+def test_edge_values_accepted(kwargs):
+    config = TrainConfig(**kwargs)
+    for key, value in kwargs.items():
+        assert getattr(config, key) == value
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().learning_rate = 1.0  # type: ignore[misc]
+
+
+# --- training_rows -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    rows = make_sentences(100, seed=3)
+    return datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [label for _, label in rows],
+                                       "id": list(range(len(rows)))})
+
+
+def test_training_rows_all_when_unlimited(train_split):
+    assert training_rows(train_split, TrainConfig()) is train_split
+    assert training_rows(train_split, TrainConfig(max_rows=100)) is train_split
+    assert training_rows(train_split, TrainConfig(max_rows=10_000)) is train_split
+
+
+def test_training_rows_seeded_slice(train_split):
+    a = training_rows(train_split, TrainConfig(max_rows=30, seed=1))
+    b = training_rows(train_split, TrainConfig(max_rows=30, seed=1))
+    c = training_rows(train_split, TrainConfig(max_rows=30, seed=2))
+    assert len(a) == 30
+    assert a["id"] == b["id"]
+    assert a["id"] != c["id"]
+    assert len(set(a["id"])) == 30  # no repeats
+    assert a["id"] != list(range(30))  # shuffled, not the head of train
+    # a row keeps its sentence and label
+    for i, sentence, label in zip(a["id"], a["sentence"], a["label"]):
+        assert (sentence, label) == (train_split[i]["sentence"], train_split[i]["label"])
+
+
+@settings(max_examples=20, deadline=None)
+@given(max_rows=st.integers(1, 99), seed=st.integers(0, 2**31 - 1))
+def test_training_rows_property(train_split, max_rows, seed):
+    out = training_rows(train_split, TrainConfig(max_rows=max_rows, seed=seed))
+    assert len(out) == max_rows
+    assert len(set(out["id"])) == max_rows
+    assert out["id"] == training_rows(train_split, TrainConfig(max_rows=max_rows, seed=seed))["id"]
+
+
+# --- training_arguments ------------------------------------------------------------------------------------
+
+
+def test_training_arguments_follow_config(tmp_path):
+    config = TrainConfig(learning_rate=1e-3, epochs=2.0, batch_size=8, weight_decay=0.1, seed=7)
+    args = training_arguments(config, str(tmp_path), use_cpu=True)
+    assert args.learning_rate == 1e-3
+    assert args.num_train_epochs == 2.0
+    assert args.per_device_train_batch_size == 8
+    assert args.weight_decay == 0.1
+    assert args.seed == 7 and args.data_seed == 7
+    assert args.use_cpu is True
+    assert str(args.save_strategy).lower().endswith("no")
+    assert args.output_dir == str(tmp_path)
+    assert args.get_warmup_steps(1000) == 60  # warmup_ratio 0.06 of the total steps
+    assert str(args.train_sampling_strategy).endswith("group_by_length")
+
+
+# --- finetune ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenized_train(tiny_tokenizer):
+    rows = make_sentences(64, seed=4)
+    ds = datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [label for _, label in rows]})
+    return tokenize(ds, tiny_tokenizer, max_length=32)
+
+
+def _train_copy(tiny_model_session, tiny_tokenizer, tokenized_train, config):
+    torch.manual_seed(config.seed)
+    model = copy.deepcopy(tiny_model_session)
+    return finetune(model, tiny_tokenizer, tokenized_train, config)
+
+
+def test_finetune_changes_weights_and_is_deterministic(tiny_model_session, tiny_tokenizer, tokenized_train,
+                                                       tiny_batch):
+    config = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=16, seed=5)
+    before = {k: v.clone() for k, v in tiny_model_session.state_dict().items()}
+
+    first = _train_copy(tiny_model_session, tiny_tokenizer, tokenized_train, config)
+    second = _train_copy(tiny_model_session, tiny_tokenizer, tokenized_train, config)
+
+    assert not first.training and not second.training  # returned in eval mode
+    after = first.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "classifier.weight" in changed
+    assert any(k.startswith("bert.encoder.layer.0.") for k in changed)
+    # the session model itself is untouched
+    assert all(torch.equal(before[k], v) for k, v in tiny_model_session.state_dict().items())
+
+    for key, value in after.items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    with torch.no_grad():
+        assert torch.equal(first(**tiny_batch).logits, second(**tiny_batch).logits)
+        assert not torch.equal(first(**tiny_batch).logits, tiny_model_session(**tiny_batch).logits)
