@@ -31,6 +31,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads the real embedded model or trains on real data")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost ~15 ms per op."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from transformers import BertTokenizer

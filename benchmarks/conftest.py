@@ -90,6 +90,10 @@ def timed_rounds(benchmark, model, examples, warmup: int):
     """benchmark.pedantic of a batch-1 forward, one round per example in turn; returns the median in ms."""
     import torch
 
+    from compression.measure import model_device, to_device
+
+    device = model_device(model)
+    examples = [to_device(e, device) for e in examples]
     cursor = {"i": 0}
 
     def setup():

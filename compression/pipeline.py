@@ -39,9 +39,9 @@ class Profile:
     name: str
     teacher: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()
-    student: TrainConfig = TrainConfig(learning_rate=1e-4)  # a shallower model takes a larger step
+    student: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)  # one epoch: the teacher did the work
     prune: PruneConfig = PruneConfig()
-    recovery: TrainConfig = TrainConfig(learning_rate=5e-5, max_rows=20_000)  # a short distillation after the cut
+    recovery: TrainConfig = TrainConfig(learning_rate=5e-5, epochs=1.0, max_rows=20_000)  # a short distillation
     int8: Int8Config = Int8Config()
     bnb8: Bnb8Config = Bnb8Config()
     latency_examples: int | None = None  # validation sentences timed at batch 1; None = all 872
@@ -53,10 +53,10 @@ PROFILES = {
     # Minutes on 2 CPU cores: real fine-tuning on a seeded slice of train, validated on the whole validation split.
     "smoke": Profile(
         "smoke",
-        teacher=TrainConfig(max_rows=4_000, learning_rate=6e-5),
-        student=TrainConfig(max_rows=4_000, learning_rate=1e-4),
+        teacher=TrainConfig(max_rows=4_000, learning_rate=6e-5, epochs=1.0),
+        student=TrainConfig(max_rows=4_000, learning_rate=1e-4, epochs=1.0),
         prune=PruneConfig(importance_batches=16),
-        recovery=TrainConfig(max_rows=1_000, learning_rate=5e-5),
+        recovery=TrainConfig(max_rows=1_000, learning_rate=5e-5, epochs=1.0),
         latency_examples=300,
     ),
 }

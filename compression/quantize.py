@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 QUANT_FILE = "quantization.json"
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+EMBEDDING_MODES = ("per-row", "per-tensor", "fp32")
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,17 @@ class Bnb8Config:
 class Int8Config:
     """ONNX Runtime dynamic int8, the default CPU path."""
 
-    quantize_embeddings: bool = True  # embeddings are about half the default base's parameters
-    per_channel: bool = False  # per-tensor weights: ORT's fastest x86 kernels; accuracy checked in measure
+    # Embedding tables are about half the default base's parameters. "per-row": int8 codes with one scale per
+    # token (compression.int8), dequantized on lookup; "per-tensor": ORT's Gather quantization, one scale for
+    # the whole table; "fp32": left alone.
+    embeddings: str = "per-row"
+    per_channel: bool = False  # per-tensor MatMul weights: ORT's fastest x86 kernels
     threads: int | None = None  # intra-op threads; None = torch.get_num_threads()
     opset: int = 17
 
     def __post_init__(self):
+        if self.embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
 
@@ -188,6 +194,46 @@ def export_onnx(model: PreTrainedModel, path: Path, opset: int = 17) -> None:
         )
 
 
+def quantize_embedding_rows(proto, min_rows: int = 16):
+    """Replace each Gather from a float table of >= `min_rows` rows by a lookup of per-row int8 codes.
+
+    Gather(table, ids) becomes Gather(codes, ids) -> Cast(float) -> Mul(Gather(scales, ids)): one int8 code per
+    element plus one float scale per row (token), so a rare token's large vector does not coarsen everyone's.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    tables = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        table = tables.get(node.input[0]) if node.op_type == "Gather" else None
+        array = numpy_helper.to_array(table) if table is not None else None
+        if array is None or array.ndim != 2 or array.dtype != np.float32 or array.shape[0] < min_rows:
+            nodes.append(node)
+            continue
+        codes, absmax = quantize_rows(torch.from_numpy(array.copy()))
+        name, ids, out = table.name, node.input[1], node.output[0]
+        graph.initializer.remove(table)
+        del tables[name]
+        graph.initializer.extend([
+            numpy_helper.from_array(codes.numpy(), f"{name}_int8"),
+            numpy_helper.from_array((absmax / 127).unsqueeze(1).numpy().astype(np.float32), f"{name}_scale"),
+        ])
+        axis = [a for a in node.attribute if a.name == "axis"]
+        if axis and axis[0].i != 0:
+            raise ValueError(f"Gather on {name} uses axis {axis[0].i}; only row lookups can be quantized per row")
+        nodes += [
+            helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_codes"], axis=0),
+            helper.make_node("Cast", [f"{out}_codes"], [f"{out}_float"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"], axis=0),
+            helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out]),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
 def quantize_int8(model: PreTrainedModel, config: Int8Config = Int8Config()) -> OnnxClassifier:
     """ONNX Runtime dynamic int8 of an fp32 classifier (the model itself is left unchanged)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -195,7 +241,11 @@ def quantize_int8(model: PreTrainedModel, config: Int8Config = Int8Config()) -> 
     with tempfile.TemporaryDirectory(prefix="compression-onnx-") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(model, fp32, config.opset)
-        ops = ["MatMul", "Gemm"] + (["Gather"] if config.quantize_embeddings else [])
+        if config.embeddings == "per-row":
+            import onnx
+
+            fp32.write_bytes(quantize_embedding_rows(onnx.load(fp32)).SerializeToString())
+        ops = ["MatMul", "Gemm"] + (["Gather"] if config.embeddings == "per-tensor" else [])
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" warning on the root logger

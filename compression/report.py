@@ -84,8 +84,8 @@ def pareto_png(variants: list[dict]) -> bytes:
     xs = [v["latency_ms"]["median"] for v in variants]
     ys = [v["val_accuracy"] for v in variants]
     left.scatter(xs, ys, color="tab:blue", label="this run")
-    for v, x, y in zip(variants, xs, ys):
-        left.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for i, (v, x, y) in enumerate(zip(variants, xs, ys)):
+        left.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 3 - 9 * (i % 3)), fontsize=7)
     left.set_xlabel("latency per example, batch 1 (ms, median)")
     left.set_ylabel("SST-2 validation accuracy (%)")
     left.set_title("Accuracy against latency (this run)")
@@ -94,14 +94,20 @@ def pareto_png(variants: list[dict]) -> bytes:
 
     sizes = [v["size_mb"] for v in variants]
     right.scatter(sizes, ys, color="tab:blue", label="this run")
-    for v, x, y in zip(variants, sizes, ys):
-        right.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for i, (v, x, y) in enumerate(zip(variants, sizes, ys)):
+        right.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 3 - 9 * (i % 3)), fontsize=7)
     ref_sizes = [r[2] for r in REFERENCE]
     ref_acc = [r[3] for r in REFERENCE]
     right.scatter(ref_sizes, ref_acc, color="tab:orange", marker="s", label="reference (BERT-base, T4)")
-    for r in REFERENCE:
-        right.annotate(r[0], (r[2], r[3]), textcoords="offset points", xytext=(4, -9), fontsize=7, color="tab:orange")
+    for i, r in enumerate(REFERENCE):
+        right.annotate(r[0], (r[2], r[3]), textcoords="offset points", xytext=(-60, 6 - 12 * (i % 2)), fontsize=7,
+                       color="tab:orange")
     right.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    right.xaxis.set_major_locator(FixedLocator([5, 10, 20, 50, 100, 200, 500]))
+    right.xaxis.set_major_formatter(ScalarFormatter())
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("size on disk (MB, log scale)")
     right.set_ylabel("SST-2 validation accuracy (%)")
     right.set_title("Accuracy against size")

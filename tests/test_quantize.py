@@ -141,3 +141,33 @@ def test_unknown_config_is_refused(tiny_model):
 def test_configs_validate(kwargs, cls):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         cls(**kwargs)
+
+
+def test_per_row_embedding_lookup_returns_the_dequantized_rows(tiny_model):
+    """The rewritten Gather gives exactly dequantize_rows(quantize_rows(table))[ids]."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compression.int8 import dequantize_rows
+    from compression.quantize import quantize_embedding_rows
+
+    table = tiny_model.bert.embeddings.word_embeddings.weight.detach()
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["out"], axis=0)], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, table.shape[1]])],
+        [numpy_helper.from_array(table.numpy(), "table")],
+    )
+    proto = quantize_embedding_rows(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.op_type for n in proto.graph.node] == ["Gather", "Cast", "Gather", "Mul"]
+    ids = torch.tensor([0, 5, 7, 5, table.shape[0] - 1])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"ids": ids.numpy()})
+    expected = dequantize_rows(*quantize_rows(table))[ids]
+    assert torch.allclose(torch.from_numpy(out), expected, rtol=0, atol=1e-7)
+
+
+def test_embedding_mode_is_validated():
+    with pytest.raises(ValueError, match="embeddings must be one of per-row, per-tensor, fp32, got 'int4'"):
+        Int8Config(embeddings="int4")

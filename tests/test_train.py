@@ -16,13 +16,7 @@ from compression.train import TrainConfig, finetune, training_arguments, trainin
 from conftest import make_sentences
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost ~15 ms per op."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- TrainConfig -------------------------------------------------------------------------------------------
