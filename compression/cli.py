@@ -2,7 +2,7 @@
 
     compress run [--profile full|smoke] [--base ID_OR_DIR] [--data DIR] [--out results/]
     compress check RESULTS [--baselines baselines.json]
-    compress baselines --accept RESULTS [--baselines baselines.json]
+    compress baselines --accept RESULTS [RESULTS ...] [--baselines baselines.json]
 
 Bad input is one line on stderr and exit 2; a gate breach is exit 1.
 """
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--baselines", type=Path, default=Path("baselines.json"))
 
     base = sub.add_parser("baselines", help="rewrite baselines from a run")
-    base.add_argument("--accept", type=Path, required=True, metavar="RESULTS", help="results.json to accept")
+    base.add_argument("--accept", type=Path, required=True, nargs="+", metavar="RESULTS",
+                      help="results.json of one or more runs (latency ratios: their median)")
     base.add_argument("--baselines", type=Path, default=Path("baselines.json"))
     return parser
 
@@ -110,12 +111,12 @@ def cmd_check(args) -> int:
 def cmd_baselines(args) -> int:
     from compression import gate, report
 
-    results = _read_results(args.accept)
+    runs = [_read_results(path) for path in args.accept]
     if args.baselines.exists():
         current = gate.load_baselines(args.baselines)
     else:
         current = {"schema_version": gate.SCHEMA_VERSION, "profiles": {}, "gpu": {}}
-    new, changes = gate.accept(results, current)
+    new, changes = gate.accept(runs, current)
     report.write_atomic(args.baselines, (json.dumps(new, indent=2) + "\n").encode())
     for line in changes or ["no change"]:
         print(line)

@@ -23,6 +23,7 @@ from compression.data import MODEL_INPUTS, batches
 log = logging.getLogger(__name__)
 
 METRIC_SCRIPT = Path(__file__).parent / "metrics" / "accuracy.py"
+WARMUP_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,16 @@ def single_examples(ds: datasets.Dataset, tokenizer, limit: int | None = None) -
 
 @torch.inference_mode()
 def latency(
-    model: torch.nn.Module, examples: list[dict[str, torch.Tensor]], warmup: int = 20, repeats: int = 1
+    model: torch.nn.Module,
+    examples: list[dict[str, torch.Tensor]],
+    warmup: int = 20,
+    repeats: int = 1,
+    warmup_seconds: float = WARMUP_SECONDS,
 ) -> Latency:
     """Median and p90 of per-example batch-1 forward time over `examples` (each run `repeats` times).
 
-    The first `warmup` examples are run untimed first (allocator, kernel choice, lazy initialisation).
+    Untimed calls come first: at least `warmup` of them and at least `warmup_seconds` (allocator, kernel
+    choice, lazy initialisation, other thread pools going idle).
     CUDA is synchronised around each call so the time is the whole forward, not its launch.
     """
     if not examples:
@@ -99,8 +105,12 @@ def latency(
     device = model_device(model)
     cuda = device.type == "cuda"
     examples = [to_device(e, device) for e in examples]
-    for e in examples[:warmup]:
-        model(**e)
+    # At least `warmup` calls and at least WARMUP_SECONDS: lets other thread pools' spinning (the previous
+    # model's, on a 2-core machine) die down, and lazy initialisation finish, before anything is timed.
+    start, calls = time.perf_counter() if warmup_seconds > 0 else 0.0, 0
+    while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
+        model(**examples[calls % len(examples)])
+        calls += 1
     times = []
     for _ in range(repeats):
         for e in examples:

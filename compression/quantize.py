@@ -3,8 +3,8 @@
 - `bnb8`: bitsandbytes LLM.int8 (`Linear8bitLt`, outlier threshold 6.0) in place of every `nn.Linear` but the
   classifier, on GPU or CPU. Saved as safetensors: per-row int8 codes and their absmax (`compression.int8`).
 - `int8`: the fastest 8-bit path on CPU, chosen by measurement (benchmarks/int8_backends.py): the model exported
-  to ONNX and quantized by ONNX Runtime's dynamic quantization (int8 weights per tensor, activations quantized
-  per call, VNNI/AMX kernels), embeddings included. The saved artifact is the `.onnx` file.
+  to ONNX and quantized by ONNX Runtime's dynamic quantization (int8 weights per output channel, activations
+  quantized per call, VNNI kernels), embeddings as per-row int8 codes. The saved artifact is the `.onnx` file.
 
 `quantize(model, config)` returns the quantized model; `quantize_bnb8_` works in place like torchao's
 `quantize_`. Every result is called as ``model(**batch).logits``.
@@ -58,7 +58,9 @@ class Int8Config:
     # token (compression.int8), dequantized on lookup; "per-tensor": ORT's Gather quantization, one scale for
     # the whole table; "fp32": left alone.
     embeddings: str = "per-row"
-    per_channel: bool = False  # per-tensor MatMul weights: ORT's fastest x86 kernels
+    # One scale per output channel: 5-10% slower than per tensor, but the students lose ~1 point per tensor
+    # and ~0.1-0.7 per channel (benchmarks/int8_backends.py, README "Choosing the int8 path").
+    per_channel: bool = True
     threads: int | None = None  # intra-op threads; None = torch.get_num_threads()
     opset: int = 17
 

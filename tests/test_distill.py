@@ -56,7 +56,8 @@ def test_t_squared_scaling_tends_to_logit_matching(case):
     diff = (te - s) - (te - s).mean(dim=1, keepdim=True)
     limit = (diff.pow(2).sum(dim=1) / (2 * c)).mean().item()
     got = distillation_loss(s, te, y, temperature=1e4, alpha=1.0).item()
-    assert got == pytest.approx(limit, rel=1e-3, abs=1e-9)
+    # the expansion's error is O(max|Δz| / T) relative: logits within ±20 keep it under 1%
+    assert got == pytest.approx(limit, rel=1e-2, abs=1e-6)  # abs: float64 cancellation at tiny Δz
 
 
 def test_loss_example_mixes_soft_and_hard_terms():

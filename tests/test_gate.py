@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compression import gate
-from compression.gate import Finding, accept, budgets_from, check, failure_message, load_baselines
+from compression.gate import (
+    ACCURACY_SLACK,
+    LATENCY_SLACK,
+    Finding,
+    accept,
+    budgets_from,
+    check,
+    failure_message,
+    latency_ratio,
+    load_baselines,
+)
 
 EMPTY = {"schema_version": 1, "profiles": {}, "gpu": {}}
 
@@ -50,7 +60,7 @@ def failed(findings):
 
 @pytest.fixture
 def baselines():
-    new, _ = accept(make_results(), EMPTY)
+    new, _ = accept([make_results()], EMPTY)
     return new
 
 
@@ -68,14 +78,14 @@ def test_accept_then_check_passes(baselines):
 
 
 def test_budgets_from_slack():
-    b = budgets_from(make_results())
+    b = budgets_from([make_results()])
     assert b["teacher"] == {"min_accuracy": 89.4, "max_accuracy_drop": 0.6, "max_flips": 4, "max_size_mb": 88.38}
     assert b["student_int8"] == {
         "min_accuracy": 87.8,
         "max_accuracy_drop": 2.2,
         "max_flips": 56,
         "max_size_mb": 11.53,
-        "max_latency_ratio": 0.224,
+        "max_latency_ratio": 0.23,  # 2.0 / 10.0 ms, times 1.15
     }
 
 
@@ -83,20 +93,20 @@ def test_accept_reports_changes_and_keeps_other_profiles():
     current = {"schema_version": 1, "profiles": {"full": {"teacher": {"min_accuracy": 91.0}},
                                                  "smoke": {"old_variant": {"max_flips": 3}}}, "gpu": {}}
     before = copy.deepcopy(current)
-    new, changes = accept(make_results(), current)
+    new, changes = accept([make_results()], current)
     assert current == before  # not modified in place
     assert new["profiles"]["full"] == {"teacher": {"min_accuracy": 91.0}}
     assert set(new["profiles"]["smoke"]) == {"teacher", "teacher_int8", "student", "student_int8", "pruned_student"}
     assert "smoke.old_variant.max_flips: 3 -> None" in changes
     assert "smoke.student_int8.max_flips: None -> 56" in changes
     assert all(line.startswith("smoke.") for line in changes)
-    _, again = accept(make_results(), new)
+    _, again = accept([make_results()], new)
     assert again == []
 
 
 def test_accept_refuses_gpu_runs():
     with pytest.raises(ValueError, match="GPU"):
-        accept(make_results(gpu="Tesla T4"), EMPTY)
+        accept([make_results(gpu="Tesla T4")], EMPTY)
 
 
 # --- breaches ----------------------------------------------------------------------------------------------
@@ -116,7 +126,7 @@ def test_slower_latency_fails_ratio(baselines):
     results = make_results(student_int8={"latency_ms": {"median": 2.0 * 1.25, "p90": 3.0, "samples": 300}})
     bad = failed(check(results, baselines))
     assert [(f.variant, f.metric) for f in bad] == [("student_int8", "latency_ratio")]
-    assert bad[0].value == pytest.approx(0.25) and bad[0].budget == pytest.approx(0.224)
+    assert bad[0].value == pytest.approx(0.25) and bad[0].budget == pytest.approx(0.23)
 
 
 def test_latency_within_slack_passes(baselines):
@@ -186,7 +196,7 @@ def runs(draw):
 @settings(max_examples=30, deadline=None)
 @given(results=runs())
 def test_accepted_run_always_passes(results):
-    new, changes = accept(results, EMPTY)
+    new, changes = accept([results], EMPTY)
     assert changes  # everything is new
     findings = check(results, new)
     assert len(findings) == 4 * len(results["variants"]) + (len(results["variants"]) - 1)
@@ -198,7 +208,7 @@ def test_accepted_run_always_passes(results):
 @settings(max_examples=25, deadline=None)
 @given(results=runs(), drop=st.integers(61, 3000).map(lambda x: x / 100))
 def test_accuracy_regression_always_fails(results, drop):
-    new, _ = accept(results, EMPTY)
+    new, _ = accept([results], EMPTY)
     worse = copy.deepcopy(results)
     target = worse["variants"][-1]
     target["val_accuracy"] = round(target["val_accuracy"] - drop, 2)
@@ -352,3 +362,28 @@ def test_gpu_without_any_gpu_budgets(baselines):
     findings = check(make_results(gpu="Tesla T4"), baselines)
     assert findings and not failed(findings)
     assert not any("latency" in f.metric for f in findings)
+
+
+def test_accepting_several_runs_takes_the_median_latency_ratio_and_the_worst_accuracy():
+    import copy
+
+    runs = [make_results() for _ in range(3)]
+    for run, factor in zip(runs, (1.0, 1.3, 0.9)):
+        row = next(v for v in run["variants"] if v["name"] == "student_int8")
+        row["latency_ms"]["median"] *= factor
+    worst = copy.deepcopy(runs[0])
+    runs[2] = worst
+    next(v for v in worst["variants"] if v["name"] == "student_int8")["val_accuracy"] -= 1.0
+    budgets = budgets_from(runs)["student_int8"]
+    ratios = sorted(latency_ratio(next(v for v in r["variants"] if v["name"] == "student_int8"),
+                                  next(v for v in r["variants"] if v["name"] == "teacher")) for r in runs)
+    assert budgets["max_latency_ratio"] == round(ratios[1] * LATENCY_SLACK, 3)
+    lowest = min(next(v for v in r["variants"] if v["name"] == "student_int8")["val_accuracy"] for r in runs)
+    assert budgets["min_accuracy"] == round(lowest - ACCURACY_SLACK, 2)
+
+
+def test_runs_of_different_profiles_are_not_accepted_together():
+    other = make_results()
+    other["profile"] = "full"
+    with pytest.raises(ValueError, match="different profiles"):
+        accept([make_results(), other], EMPTY)

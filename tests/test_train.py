@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_defaults_are_valid():
     config = TrainConfig()
     assert (config.learning_rate, config.epochs, config.batch_size, config.max_rows, config.seed) == (
-        4e-5, 1.0, 32, None, 42)
+        5e-5, 3.0, 32, None, 42)
 
 
 @pytest.mark.parametrize(
