@@ -90,7 +90,7 @@ def teacher_median(cpu_suite) -> float:
                    repeats=3).median
 
 
-def timed_rounds(benchmark, model, examples, warmup: int):
+def timed_rounds(benchmark, model, examples, warmup: int) -> float:
     """benchmark.pedantic of a batch-1 forward, one round per example in turn; returns the median in ms."""
     import torch
 

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.conftest import assert_findings, timed_rounds
 from compression import gate
+from compression.measure import paired_latency
 
 VARIANTS = [f"{m}{q}" for m in ("teacher", "student", "pruned_student") for q in ("", "_int8", "_bnb8")]
 LATENCY_METRICS = {"latency_ratio"}
@@ -24,15 +25,20 @@ def test_latency(benchmark, cpu_suite, baselines, teacher_median, name):
     row = cpu_suite.rows[name]
     benchmark.group = f"{cpu_suite.run.profile.name} profile, batch 1, CPU"
     benchmark.extra_info.update({k: row[k] for k in ("val_accuracy", "flips", "parameters", "size_mb", "backend")})
-    median = timed_rounds(benchmark, variant.model, cpu_suite.examples, cpu_suite.run.profile.warmup)
-    ratio = median / teacher_median
-    benchmark.extra_info["latency_ratio_to_teacher"] = round(ratio, 3)
+    teacher = cpu_suite.variant("teacher").model
     if name == "teacher":
+        median = timed_rounds(benchmark, variant.model, cpu_suite.examples, cpu_suite.run.profile.warmup)
         # Two independent timings of the same model must agree, or no ratio gate built on them can be trusted.
-        assert 0.85 < ratio < 1.15, f"teacher timed twice: {median:.3f} ms vs {teacher_median:.3f} ms"
+        assert 0.8 < median / teacher_median < 1.25, f"teacher timed twice: {median:.3f} vs {teacher_median:.3f} ms"
         return
-    teacher_row = {**cpu_suite.rows["teacher"], "latency_ms": {"median": teacher_median}}
-    results = cpu_suite.results([teacher_row, {**row, "latency_ms": {"median": median}}])
+    median = timed_rounds(benchmark, variant.model, cpu_suite.examples, cpu_suite.run.profile.warmup)
+    # The gate's ratio is timed as `compress run` times it (call by call beside the teacher), so the budgets
+    # accepted from a run and the figures checked here come from the same method.
+    paired, ref = paired_latency(variant.model, teacher, cpu_suite.examples, cpu_suite.run.profile.warmup)
+    ratio, reference = paired.median / ref.median, ref.median
+    benchmark.extra_info["latency_ratio_to_teacher"] = round(ratio, 3)
+    teacher_row = {**cpu_suite.rows["teacher"], "latency_ms": {"median": reference}}
+    results = cpu_suite.results([teacher_row, {**row, "latency_ms": {"median": median}, "latency_ratio": ratio}])
     findings = [f for f in gate.check(results, baselines, only={name}) if f.metric in LATENCY_METRICS]
     assert findings, f"baselines.json has no latency budget for {name}"
     assert_findings(findings, name)

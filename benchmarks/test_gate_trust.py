@@ -12,16 +12,18 @@ import time
 import torch
 
 from compression import gate
-from compression.measure import latency, predict
+from compression.measure import paired_latency, predict
 
 SLOWED = "student_int8"  # the variant CI users ship; the cheapest forward, so the hardest to time
 PERTURBED = "student"
 
 
-def _latency_results(suite, name, model, teacher_median):
-    median = latency(model, suite.examples, suite.run.profile.warmup).median
-    teacher_row = {**suite.rows["teacher"], "latency_ms": {"median": teacher_median}}
-    return suite.results([teacher_row, {**suite.rows[name], "latency_ms": {"median": median}}]), median
+def _latency_results(suite, name, model):
+    """Results for the teacher and `model` (standing for `name`), timed interleaved like the CPU gate."""
+    lat, ref = paired_latency(model, suite.variant("teacher").model, suite.examples, suite.run.profile.warmup)
+    teacher_row = {**suite.rows["teacher"], "latency_ms": {"median": ref.median}}
+    row = {**suite.rows[name], "latency_ms": {"median": lat.median}, "latency_ratio": lat.median / ref.median}
+    return suite.results([teacher_row, row]), lat.median
 
 
 def _ratio_findings(results, baselines, name):
@@ -43,22 +45,22 @@ class Delayed(torch.nn.Module):
         return out
 
 
-def test_rerun_without_change_passes(cpu_suite, baselines, teacher_median):
+def test_rerun_without_change_passes(cpu_suite, baselines):
     """Time every variant again: no latency budget may fail on an unchanged build."""
     failed = []
     for v in cpu_suite.run.variants:
         if v.name == "teacher":
             continue
-        results, _ = _latency_results(cpu_suite, v.name, v.model, teacher_median)
+        results, _ = _latency_results(cpu_suite, v.name, v.model)
         failed += [gate.failure_message(f) for f in _ratio_findings(results, baselines, v.name) if not f.ok]
     assert not failed, "\n".join(failed)
 
 
-def test_injected_slowdown_is_caught(cpu_suite, baselines, teacher_median):
+def test_injected_slowdown_is_caught(cpu_suite, baselines):
     model = cpu_suite.variant(SLOWED).model
-    clean, median = _latency_results(cpu_suite, SLOWED, model, teacher_median)
+    clean, median = _latency_results(cpu_suite, SLOWED, model)
     assert all(f.ok for f in _ratio_findings(clean, baselines, SLOWED)), "unchanged run must pass first"
-    slowed, _ = _latency_results(cpu_suite, SLOWED, Delayed(model, 0.25 * median / 1000.0), teacher_median)
+    slowed, _ = _latency_results(cpu_suite, SLOWED, Delayed(model, 0.25 * median / 1000.0))
     findings = _ratio_findings(slowed, baselines, SLOWED)
     assert findings and not any(f.ok for f in findings), f"a 25% slowdown of {SLOWED} passed the gate: {findings}"
     assert SLOWED in gate.failure_message(findings[0])

@@ -121,6 +121,32 @@ def latency(
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000.0)
+    return _summary(times)
+
+
+@torch.inference_mode()
+def paired_latency(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    examples: list[dict[str, torch.Tensor]],
+    warmup: int = 20,
+    warmup_seconds: float = WARMUP_SECONDS,
+) -> tuple[Latency, Latency]:
+    """Batch-1 latency of `model` and of `reference`, interleaved call by call on the same examples.
+
+    On a shared machine the speed drifts by tens of percent between minutes; timing the two side by side
+    makes their ratio (the CPU gate's metric) see the same machine state.
+    """
+    mine, theirs = [], []
+    latency(reference, examples[:warmup], warmup, 1, warmup_seconds)
+    latency(model, examples[:warmup], warmup, 1, warmup_seconds)
+    for e in examples:
+        theirs.append(latency(reference, [e], 0, 1, 0).median)
+        mine.append(latency(model, [e], 0, 1, 0).median)
+    return _summary(mine), _summary(theirs)
+
+
+def _summary(times: list[float]) -> Latency:
     # inclusive: a p90 inside the measured range even for a handful of samples
     deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return Latency(median=statistics.median(times), p90=deciles[8], samples=len(times))
