@@ -127,7 +127,7 @@ def build_then_load(
     return built
 
 
-def _timed_cached(root, stage, key, build, load, stages) -> tuple[object, float]:
+def _timed_cached(root, stage, key, build, load, stages):
     start = time.perf_counter()
     out = cache.cached(root, stage, key, build, load)
     stages[stage] = round(time.perf_counter() - start, 1)
