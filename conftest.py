@@ -85,6 +85,22 @@ def tiny_model(tiny_model_session):
 
 
 @pytest.fixture(scope="session")
+def tiny_mean_model_session(tiny_config):
+    import torch
+
+    from compression.models import MeanPoolBertForSequenceClassification
+
+    torch.manual_seed(0)
+    return MeanPoolBertForSequenceClassification(tiny_config).eval()
+
+
+@pytest.fixture(params=["cls", "mean"])
+def any_tiny_model(request, tiny_model_session, tiny_mean_model_session):
+    """A fresh copy of the tiny classifier with each pooling: [CLS] pooler, and masked mean."""
+    return copy.deepcopy(tiny_model_session if request.param == "cls" else tiny_mean_model_session)
+
+
+@pytest.fixture(scope="session")
 def tiny_batch(tiny_tokenizer):
     sentences = ["a good movie .", "not very funny , too slow", "the acting is brilliant !", "dull"]
     return dict(tiny_tokenizer(sentences, padding=True, return_tensors="pt"))
@@ -123,5 +139,18 @@ def tiny_base_dir(tmp_path_factory, tiny_model_session, tiny_tokenizer) -> Path:
     """The tiny model saved as a base-model folder (for --base and the pipeline)."""
     folder = tmp_path_factory.mktemp("tiny-base")
     tiny_model_session.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny non-BERT base folder (DistilBERT), for the paths that need a BERT model."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-distilbert")
+    config = DistilBertConfig(vocab_size=len(tiny_tokenizer), dim=16, n_layers=1, n_heads=2, hidden_dim=20,
+                              max_position_embeddings=32)
+    DistilBertForSequenceClassification(config).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder

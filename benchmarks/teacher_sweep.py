@@ -1,9 +1,11 @@
 """Choose the teacher's fine-tuning hyperparameters on a held-out part of train (never on validation).
 
-    python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --lr 2e-5 4e-5 6e-5
+    python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --holdout 2000 --lr 5e-5 --epochs 3 5 --pooling cls mean
 
-Holds out `--holdout` seeded sentences of train, fine-tunes the base on the rest for each learning rate and
-epoch count, and prints the held-out accuracy of each. The winner goes into `TrainConfig`'s defaults.
+Holds out `--holdout` seeded sentences of train, fine-tunes the base on the rest for each pooling, epoch count
+and learning rate (in the precision `TrainConfig` resolves to here: bf16 where native), and prints the held-out
+accuracy at every epoch's end and of each finished run. The winner goes into the full profile
+(`compression.pipeline.PROFILES`).
 
 SST-2's train split is every phrase of the parse trees of about 6,900 sentences, so a random split leaks: most
 held-out phrases are parts of, or contain, training phrases, and the held-out score rewards memorising. So the
@@ -14,16 +16,18 @@ the validation split's) and every training row that is a phrase of a held-out se
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import random
 import time
 
 import datasets
 import torch
+from transformers import TrainerCallback
 
 from compression.data import load_sst2, tokenize
 from compression.measure import accuracy, predict
-from compression.models import load_base
+from compression.models import POOLINGS, load_base
 from compression.train import TrainConfig, finetune
 
 
@@ -50,13 +54,27 @@ def leak_free_split(train: datasets.Dataset, holdout: int, min_words: int, seed:
     return datasets.DatasetDict({"train": train.select(rest), "test": train.select(sorted(held))})
 
 
+class HeldOutEachEpoch(TrainerCallback):
+    """Prints held-out accuracy at every epoch's end: the curve of one run, to see where it flattens."""
+
+    def __init__(self, held: datasets.Dataset, tokenizer, label: str):
+        self.held, self.tokenizer, self.label = held, tokenizer, label
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        acc = accuracy(predict(model, self.held, self.tokenizer), self.held["labels"])
+        model.train()
+        print(f"{self.label} epoch {state.epoch:.2f}: held-out accuracy {acc:.2f}%", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="SST-2 folder (default: $SST2_DIR, else the hub)")
     parser.add_argument("--base", default=None, help="base model (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--lr", type=float, nargs="+", default=[2e-5, 4e-5, 6e-5])
     parser.add_argument("--epochs", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--holdout", type=int, default=3000, help="train rows held out for choosing")
+    parser.add_argument("--pooling", nargs="+", default=["cls"], choices=POOLINGS, help="classifier input(s)")
+    parser.add_argument("--holdout", type=int, default=2000, help="whole train sentences held out for choosing")
     parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
     parser.add_argument("--max-rows", type=int, default=None, help="train on at most this many rows")
     parser.add_argument("--seed", type=int, default=42)
@@ -67,24 +85,24 @@ def main() -> None:
     split = leak_free_split(sst2.splits["train"], args.holdout, args.min_words, args.seed)
     print(f"held out {len(split['test'])} sentences; training on {len(split['train'])} rows", flush=True)
     rows = []
-    for epochs in args.epochs:
-        for lr in args.lr:
-            config = TrainConfig(learning_rate=lr, epochs=epochs, max_rows=args.max_rows, seed=args.seed)
-            torch.manual_seed(config.seed)
-            model, tokenizer = load_base(args.base)
-            train = tokenize(split["train"], tokenizer, config.max_length)
-            if config.max_rows:
-                train = train.shuffle(seed=config.seed).select(range(min(config.max_rows, len(train))))
-            held = tokenize(split["test"], tokenizer, config.max_length)
-            start = time.perf_counter()
-            finetune(model, tokenizer, train, config)
-            seconds = time.perf_counter() - start
-            acc = accuracy(predict(model, held, tokenizer), held["labels"])
-            rows.append((lr, epochs, acc, seconds))
-            print(f"lr={lr:g} epochs={epochs:g}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
-    print("\n| lr | epochs | held-out acc (%) | train time (s) |\n|--:|--:|--:|--:|")
-    for lr, epochs, acc, seconds in sorted(rows, key=lambda r: -r[2]):
-        print(f"| {lr:g} | {epochs:g} | {acc:.2f} | {seconds:.0f} |")
+    for pooling, epochs, lr in itertools.product(args.pooling, args.epochs, args.lr):
+        label = f"pooling={pooling} lr={lr:g} epochs={epochs:g}"
+        config = TrainConfig(learning_rate=lr, epochs=epochs, max_rows=args.max_rows, seed=args.seed)
+        torch.manual_seed(config.seed)
+        model, tokenizer = load_base(args.base, pooling=pooling)
+        train = tokenize(split["train"], tokenizer, config.max_length)
+        if config.max_rows:
+            train = train.shuffle(seed=config.seed).select(range(min(config.max_rows, len(train))))
+        held = tokenize(split["test"], tokenizer, config.max_length)
+        start = time.perf_counter()
+        finetune(model, tokenizer, train, config, callbacks=[HeldOutEachEpoch(held, tokenizer, label)])
+        seconds = time.perf_counter() - start
+        acc = accuracy(predict(model, held, tokenizer), held["labels"])
+        rows.append((pooling, lr, epochs, acc, seconds))
+        print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
+    print("\n| pooling | lr | epochs | held-out acc (%) | train time (s) |\n|:--|--:|--:|--:|--:|")
+    for pooling, lr, epochs, acc, seconds in sorted(rows, key=lambda r: -r[3]):
+        print(f"| {pooling} | {lr:g} | {epochs:g} | {acc:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`compress`: run the compression job, gate a run against baselines, accept a run as the new baselines.
 
-    compress run [--profile full|smoke] [--base ID_OR_DIR] [--data DIR] [--out results/]
+    compress run [--profile full|smoke] [--base ID_OR_DIR] [--pooling mean|cls] [--data DIR] [--out results/]
     compress check RESULTS [--baselines baselines.json]
     compress baselines --accept RESULTS [RESULTS ...] [--baselines baselines.json]
 
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="Hugging Face id or local folder (default: the embedded all-MiniLM-L6-v2)")
     run.add_argument("--data", default=None,
                      help="SST-2 folder in GLUE layout (default: $SST2_DIR, else GLUE from the hub)")
+    run.add_argument("--pooling", default=None, choices=["cls", "mean"],
+                     help="classifier input: masked mean of the tokens (profiles' default; BERT bases) or [CLS]")
     run.add_argument("--out", default="results", type=Path, help="where results.{md,json} and pareto.png go")
     run.add_argument("--cache", default=None, type=Path,
                      help="artifact cache (default: $COMPRESSION_CACHE or ~/.cache/model-compression)")
@@ -76,7 +78,7 @@ def cmd_run(args) -> int:
     device = _device(args.device)
     from compression import pipeline, report  # slow imports, after the arguments are known to be good
 
-    results = pipeline.run(args.profile, args.base, args.data, args.cache, device, args.threads, _progress)
+    results = pipeline.run(args.profile, args.base, args.data, args.cache, device, args.threads, _progress, args.pooling)
     written = report.write_results(results, args.out)
     print(report.table(results["variants"]))
     _progress("wrote " + ", ".join(str(p) for p in written))

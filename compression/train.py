@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import torch
@@ -21,13 +21,16 @@ class TrainConfig:
 
     # Chosen on 2,000 whole sentences held out of train (benchmarks/teacher_sweep.py; README, "Teacher").
     learning_rate: float = 5e-5
-    epochs: float = 3.0
+    epochs: float = 5.0
     batch_size: int = 32
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_length: int = 128  # SST-2's longest validation sentence is 66 word pieces
     max_rows: int | None = None  # a slice of train (smoke profile); None = all of train
     seed: int = 42
+    # bf16 autocast where the hardware computes in bf16 natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs): about 2x
+    # faster training on this machine's CPU; elsewhere fp32 (`resolve_precision`), so the cache key stays true.
+    bf16: bool = True
 
     def __post_init__(self):
         if not self.learning_rate > 0:
@@ -42,6 +45,22 @@ class TrainConfig:
             raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
 
 
+def bf16_supported(use_cpu: bool) -> bool:
+    """Whether bf16 autocast runs natively here (on emulated bf16 it is slower than fp32)."""
+    if use_cpu:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(config: TrainConfig, use_cpu: bool | None = None) -> TrainConfig:
+    """`config` with `bf16` switched off where this hardware lacks it (call before hashing it into a cache key)."""
+    use_cpu = use_cpu if use_cpu is not None else not torch.cuda.is_available()
+    if config.bf16 and not bf16_supported(use_cpu):
+        log.info("no native bf16 on this %s: training in fp32", "CPU" if use_cpu else "GPU")
+        return replace(config, bf16=False)
+    return config
+
+
 def training_rows(train: datasets.Dataset, config: TrainConfig) -> datasets.Dataset:
     """The rows a run trains on: all of train, or a seeded random slice of `max_rows`."""
     if config.max_rows is None or config.max_rows >= len(train):
@@ -51,8 +70,10 @@ def training_rows(train: datasets.Dataset, config: TrainConfig) -> datasets.Data
 
 def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | None = None) -> TrainingArguments:
     """TrainingArguments for `config`: no checkpoints (the cache saves the result), length-grouped batches."""
+    use_cpu = use_cpu if use_cpu is not None else not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=output_dir,
+        bf16=resolve_precision(config, use_cpu).bf16,
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
@@ -67,7 +88,7 @@ def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | Non
         eval_strategy="no",
         logging_steps=50,
         report_to="none",
-        use_cpu=use_cpu if use_cpu is not None else not torch.cuda.is_available(),
+        use_cpu=use_cpu,
         dataloader_num_workers=0,
     )
 

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compression import models
 from compression.models import (
     MB,
+    POOLING_KEY,
+    MeanPoolBertForSequenceClassification,
     base_fingerprint,
     count_parameters,
     default_base_dir,
+    load_base,
     load_classifier,
     read_json,
     resolve_base,
@@ -90,18 +95,83 @@ def test_count_parameters_plain_module():
     assert count_parameters(torch.nn.ReLU()) == 0
 
 
-def test_save_and_load_classifier_round_trip(tiny_model, tiny_tokenizer, tiny_batch, tmp_path):
+def test_save_and_load_classifier_round_trip(any_tiny_model, tiny_tokenizer, tiny_batch, tmp_path):
     folder = tmp_path / "clf"
-    save_classifier(tiny_model, tiny_tokenizer, folder)
+    save_classifier(any_tiny_model, tiny_tokenizer, folder)
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     loaded, tokenizer = load_classifier(folder)
     assert not loaded.training
     with torch.no_grad():
-        expected = tiny_model(**tiny_batch).logits
+        expected = any_tiny_model(**tiny_batch).logits
         got = loaded(**tiny_batch).logits
     assert torch.equal(expected, got)
     assert tokenizer("a good movie .")["input_ids"] == tiny_tokenizer("a good movie .")["input_ids"]
-    assert count_parameters(loaded) == count_parameters(tiny_model)
+    assert count_parameters(loaded) == count_parameters(any_tiny_model)
+
+
+# --- mean pooling ------------------------------------------------------------------------------------------
+
+
+def test_mean_pooling_reads_the_masked_mean_of_the_last_layer(tiny_mean_model_session, tiny_batch):
+    model = tiny_mean_model_session
+    with torch.no_grad():
+        hidden = model.bert(**tiny_batch).last_hidden_state  # [B, T, H]
+        mask = tiny_batch["attention_mask"].unsqueeze(-1).float()
+        expected = model.classifier((hidden * mask).sum(1) / mask.sum(1))
+        assert torch.allclose(model(**tiny_batch).logits, expected, atol=1e-6)
+
+
+def test_mean_pooling_loss_is_cross_entropy(tiny_mean_model_session, tiny_batch):
+    labels = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        out = tiny_mean_model_session(**tiny_batch, labels=labels)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+
+
+@settings(max_examples=25, deadline=None)
+@given(ids=st.lists(st.integers(5, 20), min_size=1, max_size=12), pad=st.integers(1, 10))
+def test_mean_pooling_ignores_padding(tiny_mean_model_session, ids, pad):
+    """Padding a sentence never changes its logits: masked positions are out of the mean (and of attention)."""
+    tokens = torch.tensor([[2, *ids, 3]])
+    padded = torch.cat([tokens, torch.zeros(1, pad, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(tokens), torch.zeros(1, pad, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        short = tiny_mean_model_session(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+        long = tiny_mean_model_session(input_ids=padded, attention_mask=mask).logits
+    assert torch.allclose(short, long, atol=1e-5)
+
+
+def test_mean_pooled_model_has_no_pooler_and_says_so(tiny_mean_model_session, tiny_model_session, tiny_config):
+    h = tiny_config.hidden_size
+    assert tiny_mean_model_session.bert.pooler is None
+    assert count_parameters(tiny_mean_model_session) == count_parameters(tiny_model_session) - (h * h + h)
+    assert getattr(tiny_mean_model_session.config, POOLING_KEY) == "mean"
+    assert not hasattr(tiny_config, POOLING_KEY)  # the caller's config is left alone
+
+
+def test_load_base_with_mean_pooling(tiny_base_dir):
+    model, _ = load_base(str(tiny_base_dir), pooling="mean")
+    assert isinstance(model, MeanPoolBertForSequenceClassification)
+    cls_model, _ = load_base(str(tiny_base_dir))
+    assert type(cls_model).__name__ == "BertForSequenceClassification"
+    # the encoder comes from the base either way; only the head is new
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
+                       cls_model.bert.encoder.layer[0].attention.self.query.weight)
+
+
+def test_load_base_rejects_an_unknown_pooling(tiny_base_dir):
+    with pytest.raises(ValueError, match="pooling must be one of cls, mean, got 'max'"):
+        load_base(str(tiny_base_dir), pooling="max")
+
+
+def test_load_base_mean_pooling_needs_bert(tiny_distilbert_dir):
+    with pytest.raises(ValueError, match="mean pooling needs a BERT model, this one is 'distilbert'"):
+        load_base(str(tiny_distilbert_dir), pooling="mean")
+    model, _ = load_base(str(tiny_distilbert_dir), pooling="cls")
+    assert type(model).__name__ == "DistilBertForSequenceClassification"
+
+
+# --- size_mb -----------------------------------------------------------------------------------------------
 
 
 def test_size_mb_matches_safetensors_file(tiny_model, tiny_tokenizer, tmp_path):

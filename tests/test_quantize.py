@@ -30,9 +30,9 @@ CONFIGS = {"bnb8": Bnb8Config(), "int8": Int8Config(threads=1)}
 
 
 @pytest.mark.parametrize("kind", ["bnb8", "int8"])
-def test_quantized_logits_keep_signal_to_noise(tiny_model, tiny_batch, kind):
-    reference = tiny_model(**tiny_batch).logits.detach()
-    q = quantize(copy.deepcopy(tiny_model), CONFIGS[kind])
+def test_quantized_logits_keep_signal_to_noise(any_tiny_model, tiny_batch, kind):
+    reference = any_tiny_model(**tiny_batch).logits.detach()
+    q = quantize(copy.deepcopy(any_tiny_model), CONFIGS[kind])
     with torch.no_grad():
         out = q(**tiny_batch).logits
     assert out.shape == reference.shape
@@ -40,8 +40,8 @@ def test_quantized_logits_keep_signal_to_noise(tiny_model, tiny_batch, kind):
 
 
 @pytest.mark.parametrize("kind", ["bnb8", "int8"])
-def test_save_then_load_gives_identical_logits(tiny_model, tiny_tokenizer, tiny_batch, tmp_path, kind):
-    q = quantize(tiny_model, CONFIGS[kind])
+def test_save_then_load_gives_identical_logits(any_tiny_model, tiny_tokenizer, tiny_batch, tmp_path, kind):
+    q = quantize(any_tiny_model, CONFIGS[kind])
     save_quantized(q, tiny_tokenizer, tmp_path)
     loaded, tokenizer = load_model(tmp_path)
     assert len(tokenizer) == len(tiny_tokenizer)
@@ -70,12 +70,12 @@ def test_bnb8_keeps_the_classifier_in_full_precision(tiny_model):
     assert isinstance(tiny_model.bert.pooler.dense, bnb.nn.Linear8bitLt)
 
 
-def test_pruned_then_quantized_round_trips(tiny_model, tiny_tokenizer, tiny_batch, tmp_path):
+def test_pruned_then_quantized_round_trips(any_tiny_model, tiny_tokenizer, tiny_batch, tmp_path):
     keep = torch.ones(4, 4, dtype=torch.bool)
     keep[1, 2] = keep[3, 0] = False
-    prune_heads_(tiny_model, keep)
+    prune_heads_(any_tiny_model, keep)
     for kind in ("bnb8", "int8"):
-        q = quantize(copy.deepcopy(tiny_model), CONFIGS[kind])
+        q = quantize(copy.deepcopy(any_tiny_model), CONFIGS[kind])
         folder = tmp_path / kind
         folder.mkdir()
         save_quantized(q, tiny_tokenizer, folder)

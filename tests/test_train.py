@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import compression.train as train_module
 from compression.data import tokenize
-from compression.train import TrainConfig, finetune, training_arguments, training_rows
+from compression.train import TrainConfig, finetune, resolve_precision, training_arguments, training_rows
 from conftest import make_sentences
 
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_defaults_are_valid():
     config = TrainConfig()
     assert (config.learning_rate, config.epochs, config.batch_size, config.max_rows, config.seed) == (
-        5e-5, 3.0, 32, None, 42)
+        5e-5, 5.0, 32, None, 42)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +123,23 @@ def test_training_arguments_follow_config(tmp_path):
     assert args.output_dir == str(tmp_path)
     assert args.get_warmup_steps(1000) == 60  # warmup_ratio 0.06 of the total steps
     assert str(args.train_sampling_strategy).endswith("group_by_length")
+
+
+def test_bf16_follows_config_and_hardware(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "bf16_supported", lambda use_cpu: True)
+    assert training_arguments(TrainConfig(), str(tmp_path), use_cpu=True).bf16 is True
+    assert training_arguments(TrainConfig(bf16=False), str(tmp_path), use_cpu=True).bf16 is False
+    monkeypatch.setattr(train_module, "bf16_supported", lambda use_cpu: False)
+    assert training_arguments(TrainConfig(), str(tmp_path), use_cpu=True).bf16 is False
+
+
+def test_resolve_precision_only_ever_switches_bf16_off(monkeypatch):
+    config = TrainConfig(learning_rate=1e-3)
+    monkeypatch.setattr(train_module, "bf16_supported", lambda use_cpu: True)
+    assert resolve_precision(config, use_cpu=True) == config
+    assert resolve_precision(dataclasses.replace(config, bf16=False), use_cpu=True).bf16 is False
+    monkeypatch.setattr(train_module, "bf16_supported", lambda use_cpu: False)
+    assert resolve_precision(config, use_cpu=True) == dataclasses.replace(config, bf16=False)
 
 
 # --- finetune ----------------------------------------------------------------------------------------------
