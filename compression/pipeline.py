@@ -22,7 +22,9 @@ from compression import cache
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import DistillConfig, distill, make_student
 from compression.measure import accuracy, flips, latency, paired_latency, predict, single_examples, throughput
-from compression.models import base_fingerprint, count_parameters, load_base, resolve_base, save_classifier, size_mb
+from compression.models import (
+    POOLINGS, base_fingerprint, count_parameters, load_base, resolve_base, save_classifier, size_mb,
+)
 from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
 from compression.quantize import Bnb8Config, Int8Config, backend_name, load_model, quantize, save_quantized
 from compression.train import TrainConfig, finetune, resolve_precision, training_rows
@@ -51,6 +53,14 @@ class Profile:
     bnb8: Bnb8Config = Bnb8Config()
     latency_examples: int | None = None  # validation sentences timed at batch 1; None = all 872
     warmup: int = 20
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.latency_examples is not None and self.latency_examples < 1:
+            raise ValueError(f"latency_examples must be >= 1 or None, got {self.latency_examples}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
 
 PROFILES = {
