@@ -114,7 +114,8 @@ def main() -> None:
                 lat = latency(q, examples, warmup=30)
                 tput = throughput(q, val, tokenizer, 32)
                 print(f"| {folder.name.split('-')[0]} | {name} | {acc:.2f} | {acc - base_acc:+.2f} | "
-                      f"{flips(train_preds, base_train)} | {lat.median:.2f} | {lat.p90:.2f} | {tput:.0f} | {prep:.0f} |", flush=True)
+                      f"{flips(train_preds, base_train)} | {lat.median:.2f} | {lat.p90:.2f} | {tput:.0f} | "
+                      f"{prep:.0f} |", flush=True)
             except Exception as err:  # a backend missing or failing here is a row, not the end of the table
                 print(f"| {folder.name.split('-')[0]} | {name} | failed: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:80]} | | | | | | |", flush=True)

@@ -78,7 +78,8 @@ def cmd_run(args) -> int:
     device = _device(args.device)
     from compression import pipeline, report  # slow imports, after the arguments are known to be good
 
-    results = pipeline.run(args.profile, args.base, args.data, args.cache, device, args.threads, _progress, args.pooling)
+    results = pipeline.run(
+        args.profile, args.base, args.data, args.cache, device, args.threads, _progress, args.pooling)
     written = report.write_results(results, args.out)
     print(report.table(results["variants"]))
     _progress("wrote " + ", ".join(str(p) for p in written))

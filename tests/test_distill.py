@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from conftest import make_sentences
 from compression.data import tokenize
 from compression.distill import DistillConfig, distill, distillation_loss, hidden_loss, layer_map, make_student
+from compression.measure import model_device, to_device
 from compression.train import TrainConfig
 
 
@@ -137,10 +138,10 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model_session, 
         student.classifier.weight.zero_()
     probe = dict(tiny_tokenizer([s for s, _ in rows], padding=True, return_tensors="pt"))
 
-    def gap():
+    def gap():  # (the Trainer moves both models to the GPU where there is one)
         with torch.no_grad():
-            return F.kl_div(F.log_softmax(student(**probe).logits, -1),
-                            F.log_softmax(teacher(**probe).logits, -1),
+            return F.kl_div(F.log_softmax(student(**to_device(probe, model_device(student))).logits.cpu(), -1),
+                            F.log_softmax(teacher(**to_device(probe, model_device(teacher))).logits.cpu(), -1),
                             reduction="batchmean", log_target=True).item()
 
     before = gap()

@@ -167,7 +167,7 @@ def test_finetune_changes_weights_and_is_deterministic(tiny_model_session, tiny_
     second = _train_copy(tiny_model_session, tiny_tokenizer, tokenized_train, config)
 
     assert not first.training and not second.training  # returned in eval mode
-    after = first.state_dict()
+    after = {k: v.cpu() for k, v in first.state_dict().items()}  # (the Trainer moves it to the GPU if there is one)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "classifier.weight" in changed
     assert any(k.startswith("bert.encoder.layer.0.") for k in changed)
@@ -175,7 +175,8 @@ def test_finetune_changes_weights_and_is_deterministic(tiny_model_session, tiny_
     assert all(torch.equal(before[k], v) for k, v in tiny_model_session.state_dict().items())
 
     for key, value in after.items():
-        assert torch.equal(value, second.state_dict()[key]), key
+        assert torch.equal(value, second.state_dict()[key].cpu()), key
+    first, second = first.cpu(), second.cpu()
     with torch.no_grad():
         assert torch.equal(first(**tiny_batch).logits, second(**tiny_batch).logits)
         assert not torch.equal(first(**tiny_batch).logits, tiny_model_session(**tiny_batch).logits)
