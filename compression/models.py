@@ -103,6 +103,12 @@ class MeanPoolBertForSequenceClassification(BertForSequenceClassification):
         )
 
 
+def check_pooling(pooling: str) -> None:
+    """Raise ValueError naming `pooling` unless it is one of POOLINGS."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
 def classifier_class(config: PretrainedConfig) -> type:
     """The class that rebuilds a saved classifier: ours for a mean-pooled one, else the Auto class."""
     if getattr(config, POOLING_KEY, "cls") == "mean":
@@ -118,8 +124,7 @@ def load_base(
     pooling: "cls" (the architecture's own head on [CLS]) or "mean" (`MeanPoolBertForSequenceClassification`,
     BERT bases only).
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    check_pooling(pooling)
     name = resolve_base(base)
     local = Path(name).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
@@ -162,9 +167,10 @@ def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
     kept = getattr(config, KEPT_HEADS_KEY, None)
     if kept is not None:
         delattr(config, KEPT_HEADS_KEY)  # prune_heads_ records it again
-    cls = classifier_class(config)
-    model = AutoModelForSequenceClassification.from_config(config) if cls is AutoModelForSequenceClassification \
-        else cls(config)
+    if classifier_class(config) is MeanPoolBertForSequenceClassification:
+        model = MeanPoolBertForSequenceClassification(config)
+    else:
+        model = AutoModelForSequenceClassification.from_config(config)
     if kept is not None:
         prune_heads_(model, keep_mask_from_kept(kept, config.num_attention_heads))
     return model

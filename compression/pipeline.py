@@ -23,7 +23,7 @@ from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import DistillConfig, distill, make_student
 from compression.measure import accuracy, flips, latency, paired_latency, predict, single_examples, throughput
 from compression.models import (
-    POOLINGS, base_fingerprint, count_parameters, load_base, resolve_base, save_classifier, size_mb,
+    base_fingerprint, check_pooling, count_parameters, load_base, resolve_base, save_classifier, size_mb,
 )
 from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
 from compression.quantize import Bnb8Config, Int8Config, backend_name, load_model, quantize, save_quantized
@@ -55,8 +55,7 @@ class Profile:
     warmup: int = 20
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        check_pooling(self.pooling)
         if self.latency_examples is not None and self.latency_examples < 1:
             raise ValueError(f"latency_examples must be >= 1 or None, got {self.latency_examples}")
         if self.warmup < 0:

@@ -45,6 +45,11 @@ class TrainConfig:
             raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
 
 
+def on_cpu(use_cpu: bool | None) -> bool:
+    """`use_cpu`, or where it is None, whether there is no GPU to train on."""
+    return use_cpu if use_cpu is not None else not torch.cuda.is_available()
+
+
 def bf16_supported(use_cpu: bool) -> bool:
     """Whether bf16 autocast runs natively here (on emulated bf16 it is slower than fp32)."""
     if use_cpu:
@@ -54,7 +59,7 @@ def bf16_supported(use_cpu: bool) -> bool:
 
 def resolve_precision(config: TrainConfig, use_cpu: bool | None = None) -> TrainConfig:
     """`config` with `bf16` switched off where this hardware lacks it (call before hashing it into a cache key)."""
-    use_cpu = use_cpu if use_cpu is not None else not torch.cuda.is_available()
+    use_cpu = on_cpu(use_cpu)
     if config.bf16 and not bf16_supported(use_cpu):
         log.info("no native bf16 on this %s: training in fp32", "CPU" if use_cpu else "GPU")
         return replace(config, bf16=False)
@@ -70,7 +75,7 @@ def training_rows(train: datasets.Dataset, config: TrainConfig) -> datasets.Data
 
 def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | None = None) -> TrainingArguments:
     """TrainingArguments for `config`: no checkpoints (the cache saves the result), length-grouped batches."""
-    use_cpu = use_cpu if use_cpu is not None else not torch.cuda.is_available()
+    use_cpu = on_cpu(use_cpu)
     return TrainingArguments(
         output_dir=output_dir,
         bf16=resolve_precision(config, use_cpu).bf16,

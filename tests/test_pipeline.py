@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from compression.distill import DistillConfig
@@ -18,10 +20,10 @@ NAMES = ["teacher", "teacher_int8", "teacher_bnb8", "student", "student_int8", "
          "pruned_student", "pruned_student_int8", "pruned_student_bnb8"]
 
 
-def tiny_profile(pooling: str = "mean") -> Profile:
+def tiny_profile() -> Profile:
     train = TrainConfig(learning_rate=1e-3, epochs=1.0, batch_size=16, max_rows=64, bf16=False)
     return Profile(
-        "tiny", pooling=pooling, teacher=train, distill=DistillConfig(num_layers=2), student=train,
+        "tiny", teacher=train, distill=DistillConfig(num_layers=2), student=train,
         prune=PruneConfig(remove=4, importance_batches=2, batch_size=16), recovery=train,
         latency_examples=4, warmup=1,
     )
@@ -90,3 +92,11 @@ def test_measure_variants_rows(job):
         assert ("latency_ratio" in r) == (r["name"] != "teacher")
     sizes = {r["name"]: r["size_mb"] for r in rows}  # (int8 files are not smaller here: ONNX graph overhead)
     assert sizes["pruned_student"] < sizes["student"] < sizes["teacher"]
+
+
+def test_pooling_is_part_of_every_cache_key(job):
+    args, mean = job
+    profile, *rest = args
+    cls = build_variants(dataclasses.replace(profile, pooling="cls"), *rest)
+    assert type(cls.variants[0].model).__name__ == "BertForSequenceClassification"
+    assert not {v.folder for v in cls.variants} & {v.folder for v in mean.variants}

@@ -160,7 +160,8 @@ def test_per_row_embedding_lookup_returns_the_dequantized_rows(tiny_model):
         [numpy_helper.from_array(table.numpy(), "table")],
     )
     # IR 8 is opset 17's: onnx's default is its newest IR, which an older onnxruntime refuses.
-    proto = quantize_embedding_rows(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    proto = quantize_embedding_rows(model)
     assert [n.op_type for n in proto.graph.node] == ["Gather", "Cast", "Gather", "Mul"]
     ids = torch.tensor([0, 5, 7, 5, table.shape[0] - 1])
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
