@@ -154,3 +154,37 @@ def tiny_distilbert_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     DistilBertForSequenceClassification(config).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet_tokenizer():
+    """An MPNet tokenizer over another vocabulary than the tiny BERT's (other ids, other special tokens)."""
+    from transformers import MPNetTokenizer
+
+    vocab = ["<s>", "<pad>", "</s>", "[UNK]", *reversed(WORDS), "<mask>"]
+    return MPNetTokenizer(vocab={w: i for i, w in enumerate(vocab)}, unk_token="[UNK]")
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet_config(tiny_mpnet_tokenizer):
+    from transformers import MPNetConfig
+
+    return MPNetConfig(
+        vocab_size=len(tiny_mpnet_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        # 32 buckets: MPNetEncoder computes the bias with its default of 32, whatever the config says
+        max_position_embeddings=66, relative_attention_num_buckets=32, num_labels=2, pad_token_id=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet_dir(tmp_path_factory, tiny_mpnet_config, tiny_mpnet_tokenizer) -> Path:
+    """A tiny random MPNet base folder (another family and vocabulary than the tiny BERT)."""
+    import torch
+    from transformers import MPNetForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-mpnet")
+    torch.manual_seed(0)
+    MPNetForSequenceClassification(tiny_mpnet_config).save_pretrained(folder)
+    tiny_mpnet_tokenizer.save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_addoption(parser):
     group = parser.getgroup("compression")
-    group.addoption("--profile", default=os.environ.get("COMPRESSION_PROFILE", "smoke"), choices=["smoke", "full"],
+    group.addoption("--profile", default=os.environ.get("COMPRESSION_PROFILE", "smoke"), choices=["smoke", "minilm", "full"],
                     help="compression profile the benchmarks build and gate (default: smoke)")
     group.addoption("--baselines", default=str(ROOT / "baselines.json"), help="budgets file")
 
@@ -27,14 +27,17 @@ class Suite:
     """A built run, plus what every test needs from it."""
 
     run: object  # compression.pipeline.Run
-    validation: object  # tokenized validation split
-    examples: list  # batch-1 inputs timed for latency
+    inputs: dict  # name -> (validation split tokenized by its tokenizer, batch-1 inputs timed for latency)
     rows: dict  # name -> quality row (no timings)
     predictions: dict  # name -> predictions [N]
     device: str
 
     def variant(self, name: str):
         return next(v for v in self.run.variants if v.name == name)
+
+    def examples(self, name: str) -> list:
+        """Batch-1 inputs of `name`, through its own tokenizer (the same sentences for every variant)."""
+        return self.inputs[name][1]
 
     def results(self, rows: list[dict], gpu: str | None = None) -> dict:
         """A results document in `compress run`'s shape, for `compression.gate.check`."""
@@ -45,19 +48,24 @@ class Suite:
 def build_suite(profile_name: str, device: str) -> Suite:
     import torch
 
-    from compression import pipeline
+    from compression import pipeline, rows as measured
+    from compression.data import tokenize
     from compression.measure import single_examples
+    from compression.profiles import get_profile
 
-    profile = pipeline.get_profile(profile_name)
+    profile = get_profile(profile_name)
     run = pipeline.build_then_load(profile, device=device, threads=torch.get_num_threads())
-    validation = pipeline.validation_split(run)
+    split, by_tokenizer, inputs = run.sst2.splits["validation"], {}, {}
     rows, predictions, teacher = {}, {}, None
     for v in run.variants:
-        row, preds = pipeline.quality(v, validation, run.tokenizer, teacher)
+        if id(v.tokenizer) not in by_tokenizer:
+            ds = tokenize(split, v.tokenizer, profile.teacher.max_length)
+            by_tokenizer[id(v.tokenizer)] = (ds, single_examples(ds, v.tokenizer, profile.latency_examples))
+        inputs[v.name] = by_tokenizer[id(v.tokenizer)]
+        row, preds = measured.quality(v, inputs[v.name][0], teacher)
         teacher = preds if teacher is None else teacher
         rows[v.name], predictions[v.name] = row, preds
-    examples = single_examples(validation, run.tokenizer, profile.latency_examples)
-    return Suite(run, validation, examples, rows, predictions, device)
+    return Suite(run, inputs, rows, predictions, device)
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +94,7 @@ def teacher_median(cpu_suite) -> float:
     from compression.measure import latency
 
     # three passes: every ratio divides by this number, so it gets the most samples
-    return latency(cpu_suite.variant("teacher").model, cpu_suite.examples, cpu_suite.run.profile.warmup,
+    return latency(cpu_suite.variant("teacher").model, cpu_suite.examples("teacher"), cpu_suite.run.profile.warmup,
                    repeats=3).median
 
 

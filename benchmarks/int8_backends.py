@@ -28,7 +28,8 @@ import torch
 
 from compression.data import load_sst2, tokenize
 from compression.measure import accuracy, flips, latency, predict, single_examples, throughput
-from compression.quantize import Int8Config, OnnxClassifier, export_onnx, load_model, quantize_int8
+from compression.artifacts import load_model
+from compression.quant_onnx import Int8Config, OnnxClassifier, export_onnx, quantize_int8
 
 
 def torch_dynamic(model):

@@ -5,7 +5,7 @@
 Holds out `--holdout` seeded sentences of train, fine-tunes the base on the rest for each pooling, epoch count
 and learning rate (in the precision `TrainConfig` resolves to here: bf16 where native), and prints the held-out
 accuracy at every epoch's end and of each finished run. The winner goes into the full profile
-(`compression.pipeline.PROFILES`).
+(`compression.profiles.PROFILES`).
 
 SST-2's train split is every phrase of the parse trees of about 6,900 sentences, so a random split leaks: most
 held-out phrases are parts of, or contain, training phrases, and the held-out score rewards memorising. So the

@@ -27,14 +27,15 @@ def test_latency(benchmark, cpu_suite, baselines, teacher_median, name):
     benchmark.extra_info.update({k: row[k] for k in ("val_accuracy", "flips", "parameters", "size_mb", "backend")})
     teacher = cpu_suite.variant("teacher").model
     if name == "teacher":
-        median = timed_rounds(benchmark, variant.model, cpu_suite.examples, cpu_suite.run.profile.warmup)
+        median = timed_rounds(benchmark, variant.model, cpu_suite.examples(name), cpu_suite.run.profile.warmup)
         # Two independent timings of the same model must agree, or no ratio gate built on them can be trusted.
         assert 0.8 < median / teacher_median < 1.25, f"teacher timed twice: {median:.3f} vs {teacher_median:.3f} ms"
         return
-    median = timed_rounds(benchmark, variant.model, cpu_suite.examples, cpu_suite.run.profile.warmup)
+    median = timed_rounds(benchmark, variant.model, cpu_suite.examples(name), cpu_suite.run.profile.warmup)
     # The gate's ratio is timed as `compress run` times it (call by call beside the teacher), so the budgets
     # accepted from a run and the figures checked here come from the same method.
-    paired, ref = paired_latency(variant.model, teacher, cpu_suite.examples, cpu_suite.run.profile.warmup)
+    paired, ref = paired_latency(variant.model, teacher, cpu_suite.examples(name), cpu_suite.run.profile.warmup,
+                                 reference_examples=cpu_suite.examples("teacher"))
     ratio, reference = paired.median / ref.median, ref.median
     benchmark.extra_info["latency_ratio_to_teacher"] = round(ratio, 3)
     teacher_row = {**cpu_suite.rows["teacher"], "latency_ms": {"median": reference}}

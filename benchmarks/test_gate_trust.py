@@ -20,7 +20,8 @@ PERTURBED = "student"
 
 def _latency_results(suite, name, model):
     """Results for the teacher and `model` (standing for `name`), timed interleaved like the CPU gate."""
-    lat, ref = paired_latency(model, suite.variant("teacher").model, suite.examples, suite.run.profile.warmup)
+    lat, ref = paired_latency(model, suite.variant("teacher").model, suite.examples(name), suite.run.profile.warmup,
+                              reference_examples=suite.examples("teacher"))
     teacher_row = {**suite.rows["teacher"], "latency_ms": {"median": ref.median}}
     row = {**suite.rows[name], "latency_ms": {"median": lat.median}, "latency_ratio": lat.median / ref.median}
     return suite.results([teacher_row, row]), lat.median
@@ -77,7 +78,8 @@ def test_injected_accuracy_regression_is_caught(cpu_suite, baselines):
         with torch.no_grad():
             for p in noisy.parameters():
                 p.add_(torch.randn(p.shape, generator=generator) * scale * p.std())
-        preds = predict(noisy, cpu_suite.validation, cpu_suite.run.tokenizer)
+        validation = cpu_suite.inputs[PERTURBED][0]
+        preds = predict(noisy, validation, cpu_suite.variant(PERTURBED).tokenizer)
         flipped = int((preds != teacher_preds).sum())
         if flipped > budget:
             break
@@ -85,7 +87,7 @@ def test_injected_accuracy_regression_is_caught(cpu_suite, baselines):
     from compression.measure import accuracy
 
     row = {**cpu_suite.rows[PERTURBED], "flips": flipped,
-           "val_accuracy": round(accuracy(preds, cpu_suite.validation["labels"]), 2), "latency_ms": {"median": 1}}
+           "val_accuracy": round(accuracy(preds, validation["labels"]), 2), "latency_ms": {"median": 1}}
     teacher_row = {**cpu_suite.rows["teacher"], "latency_ms": {"median": 1}}
     findings = gate.check(cpu_suite.results([teacher_row, row]), baselines, only={PERTURBED})
     failed = [f for f in findings if not f.ok]

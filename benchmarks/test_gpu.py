@@ -32,7 +32,7 @@ def gpu_suite(profile_name):
 
 @pytest.fixture(scope="session")
 def gpu_teacher_median(gpu_suite) -> float:
-    return latency(gpu_suite.variant("teacher").model, gpu_suite.examples, gpu_suite.run.profile.warmup).median
+    return latency(gpu_suite.variant("teacher").model, gpu_suite.examples("teacher"), gpu_suite.run.profile.warmup).median
 
 
 @pytest.mark.parametrize("name", GPU_VARIANTS)
@@ -41,7 +41,7 @@ def test_gpu_latency(benchmark, gpu_suite, baselines, gpu_teacher_median, name):
     row = gpu_suite.rows[name]
     benchmark.group = f"{gpu_suite.run.profile.name} profile, batch 1, {device_name}"
     benchmark.extra_info.update({k: row[k] for k in ("val_accuracy", "flips", "parameters", "size_mb", "backend")})
-    median = timed_rounds(benchmark, gpu_suite.variant(name).model, gpu_suite.examples,
+    median = timed_rounds(benchmark, gpu_suite.variant(name).model, gpu_suite.examples(name),
                              gpu_suite.run.profile.warmup)
     benchmark.extra_info["latency_ratio_to_teacher"] = round(median / gpu_teacher_median, 3)
     teacher_row = {**gpu_suite.rows["teacher"], "latency_ms": {"median": gpu_teacher_median}}

@@ -27,10 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train or load teacher, student and pruned student; quantize; measure")
-    run.add_argument("--profile", default="full", choices=["full", "smoke"],
-                     help="full: all of train (default); smoke: minutes, on a slice of train")
+    run.add_argument("--profile", default="full", choices=["full", "minilm", "smoke"],
+                     help="full: MPNet-base teacher -> MiniLM-L6 student (default; needs the [mpnet] extra); "
+                          "minilm: MiniLM-L6 teacher -> 3-layer student; smoke: minutes, on a slice of train")
     run.add_argument("--base", default=None,
-                     help="Hugging Face id or local folder (default: the embedded all-MiniLM-L6-v2)")
+                     help="the teacher's base: all-mpnet-base-v2 or all-MiniLM-L6-v2 (embedded), a Hugging Face "
+                          "id or a local folder (default: the profile's)")
     run.add_argument("--data", default=None,
                      help="SST-2 folder in GLUE layout (default: $SST2_DIR, else GLUE from the hub)")
     run.add_argument("--pooling", default=None, choices=["cls", "mean"],

@@ -1,7 +1,10 @@
-"""Knowledge distillation: a shallower student copied from the teacher learns the teacher's soft targets.
+"""Knowledge distillation: a student learns a fine-tuned teacher's soft targets.
 
-Student (DistilBERT-style): the teacher's embeddings, classifier and an evenly spaced subset of its layers with
-their weights. Loss (Hinton et al. 2015; Sanh et al. 2019):
+The student is either cut from the teacher (DistilBERT-style: its embeddings, classifier and an evenly spaced
+subset of its layers, with their weights; `make_student`) or another model altogether, with its own tokenizer.
+The teacher's logits over the training rows are computed once (`teacher_logits`) and travel with the student's
+rows as a `teacher_logits` column, so each model reads the sentences through its own tokenizer and no teacher
+forward runs per student epoch. Loss (Hinton et al. 2015; Sanh et al. 2019):
 
     loss = alpha * T² * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y) [+ beta * hidden MSE]
 
@@ -15,11 +18,15 @@ import copy
 import logging
 from dataclasses import dataclass
 
+import datasets
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
+from compression.data import batches
 from compression.train import TrainConfig, finetune
+
+LOGITS_COLUMN = "teacher_logits"
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +112,78 @@ def hidden_loss(
     return total / len(mapping)
 
 
-class DistillTrainer(Trainer):
-    """A Trainer whose loss is `distillation_loss` against a frozen teacher run without gradients."""
+@torch.inference_mode()
+def teacher_logits(
+    model: PreTrainedModel, ds: datasets.Dataset, tokenizer, batch_size: int = 128, bf16: bool = False
+) -> torch.Tensor:
+    """Logits [N, C] (fp32, CPU) of `model` over a tokenized split, in the split's order.
 
-    def __init__(self, *args, teacher: PreTrainedModel, distill: DistillConfig, mapping: list[int], **kwargs):
+    Length-sorted batches keep padding small; bf16 autocast matches a teacher that trained in bf16.
+    """
+    model = model.eval()
+    device = next(model.parameters()).device
+    out = None
+    for batch in batches(ds, tokenizer, batch_size):
+        index = batch.pop("index")
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = model(**inputs).logits.float().cpu()  # [B, C]
+        if out is None:
+            out = torch.empty(len(ds), logits.shape[1])
+        out[index] = logits
+    return out
+
+
+def with_teacher_logits(ds: datasets.Dataset, logits: torch.Tensor) -> datasets.Dataset:
+    """`ds` (a student's tokenized rows) with a `teacher_logits` column: row i gets logits[i] [C]."""
+    if logits.dim() != 2 or logits.shape[0] != len(ds):
+        raise ValueError(f"teacher logits have shape {tuple(logits.shape)}, expected ({len(ds)}, classes)")
+    if not torch.isfinite(logits).all():
+        raise ValueError("teacher logits contain NaN or infinity")
+    if LOGITS_COLUMN in ds.column_names:
+        ds = ds.remove_columns(LOGITS_COLUMN)
+    return ds.add_column(LOGITS_COLUMN, logits.tolist())
+
+
+class DistillTrainer(Trainer):
+    """A Trainer whose loss is `distillation_loss` against the teacher's logits.
+
+    The logits come with each batch (`teacher_logits` column); a live teacher is needed only for the hidden-state
+    loss (`hidden_weight` > 0), which also needs the student to read the teacher's tokenization.
+    """
+
+    def __init__(self, *args, teacher: PreTrainedModel | None, distill: DistillConfig, mapping: list[int] | None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().to(self.args.device)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.eval().to(self.args.device)
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         self.distill = distill
         self.mapping = mapping
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if LOGITS_COLUMN not in self._signature_columns:  # not a forward argument, but the loss needs it
+            self._signature_columns.append(LOGITS_COLUMN)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
+        given = inputs.pop(LOGITS_COLUMN, None)
         want_hidden = self.distill.hidden_weight > 0
         outputs = model(**inputs, output_hidden_states=want_hidden)
-        # The frozen teacher runs in the student's precision (bf16 autocast when training in bf16); the losses
-        # are taken in fp32.
-        with torch.no_grad(), torch.autocast(self.args.device.type, torch.bfloat16, enabled=self.args.bf16):
-            teacher_out = self.teacher(**inputs, output_hidden_states=want_hidden)
+        teacher_out = None
+        if given is None or want_hidden:
+            if self.teacher is None:
+                raise ValueError("distillation needs a teacher model or a teacher_logits column")
+            # The frozen teacher runs in the student's precision (bf16 autocast when training in bf16); the
+            # losses are taken in fp32.
+            with torch.no_grad(), torch.autocast(self.args.device.type, torch.bfloat16, enabled=self.args.bf16):
+                teacher_out = self.teacher(**inputs, output_hidden_states=want_hidden)
+        target = given if given is not None else teacher_out.logits
         loss = distillation_loss(
-            outputs.logits.float(), teacher_out.logits.float(), labels, self.distill.temperature, self.distill.alpha
+            outputs.logits.float(), target.float(), labels, self.distill.temperature, self.distill.alpha
         )
         if want_hidden:
             loss = loss + self.distill.hidden_weight * hidden_loss(
@@ -136,25 +194,33 @@ class DistillTrainer(Trainer):
 
 
 def distill(
-    teacher: PreTrainedModel,
+    teacher: PreTrainedModel | None,
     student: PreTrainedModel,
     tokenizer,
-    train,
+    train: datasets.Dataset,
     distill_config: DistillConfig,
     train_config: TrainConfig,
 ) -> PreTrainedModel:
-    """Train `student` in place on tokenized `train` rows against `teacher`; returns it in eval mode.
+    """Train `student` in place on its tokenized `train` rows; returns it in eval mode.
 
-    `student` is usually `make_student(teacher, n)`, or a pruned student being recovered.
+    The soft targets are `train`'s `teacher_logits` column when it has one (`with_teacher_logits`), else the live
+    `teacher`'s logits on the same inputs. `student` may be `make_student(teacher, n)`, a pruned student being
+    recovered, or another model with its own tokenizer (then `train` must carry the logits).
     """
-    mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    if teacher is None and LOGITS_COLUMN not in train.column_names:
+        raise ValueError("distill needs a teacher model or rows with a teacher_logits column")
+    mapping = None
+    if distill_config.hidden_weight > 0:
+        if teacher is None:
+            raise ValueError("hidden_weight > 0 needs the live teacher (and the teacher's tokenization)")
+        mapping = layer_map(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
     return finetune(
         student,
         tokenizer,
         train,
         train_config,
         trainer_class=DistillTrainer,
-        teacher=teacher,
+        teacher=teacher if mapping is not None or LOGITS_COLUMN not in train.column_names else None,
         distill=distill_config,
         mapping=mapping,
     )

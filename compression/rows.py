@@ -1,0 +1,110 @@
+"""A run's measured rows: every variant's size, accuracy, flips against the teacher, latency and throughput."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compression.artifacts import size_mb
+from compression.data import tokenize
+from compression.measure import accuracy, flips, latency, paired_latency, predict, single_examples, throughput
+from compression.pipeline import Run, Variant, no_progress
+from compression.quantize import backend_name
+
+log = logging.getLogger(__name__)
+
+
+def environment(device: str) -> dict:
+    """What the figures were measured on."""
+    import onnxruntime
+    import transformers
+
+    env = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        env["bitsandbytes"] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def quality(v: Variant, validation, teacher_predictions: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    """A variant's row without timings (parameters, size, accuracy, flips, backend), and its predictions [N].
+
+    `validation` is tokenized by the variant's own tokenizer. With `teacher_predictions` None, flips are
+    counted against the variant's own predictions (the teacher's row).
+    """
+    preds = predict(v.model, validation, v.tokenizer)
+    row = {
+        "name": v.name,
+        "parameters": v.parameters,
+        "size_mb": round(size_mb(v.folder), 2),
+        "val_accuracy": round(accuracy(preds, validation["labels"]), 2),
+        "flips": flips(preds, preds if teacher_predictions is None else teacher_predictions),
+        "backend": backend_name(v.model),
+        "folder": str(v.folder),
+    }
+    return row, preds
+
+
+def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) -> list[dict]:
+    """One row per variant: parameters, size, accuracy, flips against the teacher, latency, throughput.
+
+    Each variant reads the validation sentences through its own tokenizer (teacher and student may differ).
+    """
+    split = run.sst2.splits["validation"]
+    tokenized: dict[int, tuple] = {}  # per tokenizer: (tokenized split, batch-1 examples)
+
+    def inputs_for(tokenizer):
+        if id(tokenizer) not in tokenized:
+            ds = tokenize(split, tokenizer, run.profile.teacher.max_length)
+            tokenized[id(tokenizer)] = (ds, single_examples(ds, tokenizer, run.profile.latency_examples))
+        return tokenized[id(tokenizer)]
+
+    rows, teacher_preds = [], None
+    teacher = run.variants[0]
+    teacher_examples = inputs_for(teacher.tokenizer)[1]
+    for v in run.variants:
+        progress(f"measuring {v.name}")
+        validation, examples = inputs_for(v.tokenizer)
+        row, preds = quality(v, validation, teacher_preds)
+        teacher_preds = preds if teacher_preds is None else teacher_preds
+        lat = latency(v.model, examples, warmup=run.profile.warmup)
+        if v is not teacher:
+            # The gate's ratio is timed call by call beside the teacher, so both see the same machine state.
+            # (Interleaving slows the int8 model itself, whose threads then meet torch's still-spinning ones:
+            # the table's latency is the standalone figure above.)
+            paired, ref = paired_latency(v.model, teacher.model, examples, warmup=run.profile.warmup,
+                                         reference_examples=teacher_examples)
+            row["latency_ratio"] = round(paired.median / ref.median, 4)
+        row["latency_ms"] = {"median": round(lat.median, 3), "p90": round(lat.p90, 3), "samples": lat.samples}
+        row["throughput_per_s"] = round(throughput(v.model, validation, v.tokenizer), 1)
+        row["build_seconds"] = v.seconds
+        rows.append(row)
+        log.info("%s: %s", v.name, row)
+    return rows
