@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--base", default=None,
                      help="the teacher's base: all-mpnet-base-v2 or all-MiniLM-L6-v2 (embedded), a Hugging Face "
                           "id or a local folder (default: the profile's)")
+    run.add_argument("--teacher", default=None,
+                     help="an already fine-tuned two-label SST-2 classifier (folder or Hugging Face id), used as the "
+                          "teacher as it is: no fine-tuning (excludes --base)")
     run.add_argument("--data", default=None,
                      help="SST-2 folder in GLUE layout (default: $SST2_DIR, else GLUE from the hub)")
     run.add_argument("--pooling", default=None, choices=["cls", "mean"],
@@ -75,13 +78,15 @@ def cmd_run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     data.resolve_data_dir(args.data)  # fail on a bad folder before loading any model
+    if args.base is not None and args.teacher is not None:
+        raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
     device = _device(args.device)
     from compression import pipeline, report  # slow imports, after the arguments are known to be good
 
     results = pipeline.run(
-        args.profile, args.base, args.data, args.cache, device, args.threads, _progress, args.pooling)
+        args.profile, args.base, args.data, args.cache, device, args.threads, _progress, args.pooling, args.teacher)
     written = report.write_results(results, args.out)
     print(report.table(results["variants"]))
     _progress("wrote " + ", ".join(str(p) for p in written))

@@ -148,6 +148,26 @@ def load_base(
     return model, tokenizer
 
 
+def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "AutoTokenizer"]:
+    """An already fine-tuned sequence classifier (a folder from `resolve_base`, or a hub id), used as it is.
+
+    ValueError naming it if it is not a `num_labels`-way classifier.
+    """
+    local = Path(name).is_dir()
+    config = AutoConfig.from_pretrained(name, local_files_only=local)
+    if config.num_labels != num_labels:
+        raise ValueError(f"{name}: a {config.num_labels}-label classifier; SST-2 needs {num_labels} "
+                         "(0 negative, 1 positive)")
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    kwargs = dict(local_files_only=local, use_safetensors=True if local else None)
+    if local and not list(Path(name).glob("*.safetensors")):
+        raise ValueError(f"{name}: no safetensors weights (other formats are not loaded: they can run code)")
+    if getattr(config, "kept_heads", None) is not None:
+        raise ValueError(f"{name}: a head-pruned model; give the unpruned teacher")
+    model = classifier_class(config).from_pretrained(name, **kwargs)
+    return model.eval(), tokenizer
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of parameter elements (an int8 weight counts once per element, like its fp32 original)."""
     return sum(p.numel() for p in model.parameters())

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from compression import cache
 from compression.artifacts import load_model, save_classifier, save_quantized
-from compression.bases import base_fingerprint, resolve_base
+from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
-from compression.models import count_parameters, load_base
+from compression.models import count_parameters, load_base, load_finetuned
 from compression.profiles import Profile, get_profile
 from compression.prune import head_importance, keep_mask_from_scores, prune_heads_
 from compression.quantize import quantize
@@ -62,10 +62,10 @@ class Run:
     stages: dict[str, float]
 
 
-def _build_stages(profile, base, data, cache_root, device, threads, progress) -> dict[str, float]:
+def _build_stages(profile, base, data, cache_root, device, threads, progress, teacher_model=None) -> dict[str, float]:
     if threads:
         torch.set_num_threads(threads)
-    return build_variants(profile, base, data, cache_root, device, progress).stages
+    return build_variants(profile, base, data, cache_root, device, progress, teacher_model).stages
 
 
 def build_then_load(
@@ -76,6 +76,7 @@ def build_then_load(
     device: str = "cpu",
     threads: int | None = None,
     progress: Callable[[str], None] = no_progress,
+    teacher_model: str | None = None,
 ) -> Run:
     """`build_variants` in a fresh process, then again here, where everything now loads from the cache.
 
@@ -87,8 +88,9 @@ def build_then_load(
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        stages = pool.apply(_build_stages, (profile, base, data, cache_root, device, threads, progress))
-    built = build_variants(profile, base, data, cache_root, device)
+        stages = pool.apply(_build_stages, (profile, base, data, cache_root, device, threads, progress,
+                                            teacher_model))
+    built = build_variants(profile, base, data, cache_root, device, teacher_model=teacher_model)
     built.stages = stages
     for v in built.variants:
         v.seconds = stages[v.name]
@@ -100,6 +102,18 @@ def _timed_cached(root, stage, key, build, load, stages):
     out = cache.cached(root, stage, key, build, load)
     stages[stage] = round(time.perf_counter() - start, 1)
     return out
+
+
+def check_label_order(model, tokenizer, sst2: SST2, name: str, max_length: int) -> float:
+    """Validation accuracy of a given classifier; ValueError below 50% (its labels are not in SST-2's order)."""
+    from compression.measure import accuracy, predict
+
+    validation = tokenize(sst2.splits["validation"], tokenizer, max_length)
+    score = accuracy(predict(model, validation, tokenizer), validation["labels"])
+    if score < 50.0:
+        raise ValueError(f"{name}: {score:.2f}% on SST-2 validation, below chance: its labels are not in SST-2's "
+                         "order (0 negative, 1 positive)")
+    return score
 
 
 def _rows(n: int, config) -> list[int]:
@@ -118,34 +132,48 @@ def build_variants(
     cache_root: Path | None = None,
     device: str = "cpu",
     progress: Callable[[str], None] = no_progress,
+    teacher_model: str | None = None,
 ) -> Run:
     """Train (or load from the cache) the three fp32 models, then make their int8 and bnb8 variants.
 
-    `base` replaces the profile's teacher base.
+    `base` replaces the profile's teacher base; `teacher_model` (a fine-tuned two-label classifier: folder or hub
+    id) is used as the teacher as it is, with no fine-tuning.
     """
+    if base is not None and teacher_model is not None:
+        raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
     root = cache_root or cache.default_root()
     profile = replace(profile, teacher=resolve_precision(profile.teacher), student=resolve_precision(profile.student),
                       recovery=resolve_precision(profile.recovery))
     sst2 = load_sst2(data)
     train = sst2.splits["train"]
     stages: dict[str, float] = {}
-    teacher_name = resolve_base(base or profile.teacher_base, root)
+    teacher_name = resolve_base(teacher_model or base or profile.teacher_base, root)
     torch.manual_seed(profile.teacher.seed)  # the new classifier head's initialisation is part of the recipe
-    base_model, tokenizer = load_base(teacher_name, pooling=profile.pooling, cache_root=root)
+    if teacher_model is None:
+        base_model, tokenizer = load_base(teacher_name, pooling=profile.pooling, cache_root=root)
+    else:
+        base_model, tokenizer = load_finetuned(teacher_name)
     train_t = tokenize(train, tokenizer, profile.teacher.max_length)
-    identity = {"base": base_fingerprint(teacher_name), "data": sst2.checksum, "pooling": profile.pooling}
 
     def load_fp32(folder: Path):
         model, _ = load_model(folder, device)
         return model.eval()
 
-    # teacher
-    teacher_key = cache.cache_key({**identity, "stage": "teacher", "train": profile.teacher})
+    # teacher: fine-tuned here, or given
+    if teacher_model is None:
+        identity = {"base": base_fingerprint(teacher_name), "data": sst2.checksum, "pooling": profile.pooling}
+        teacher_key = cache.cache_key({**identity, "stage": "teacher", "train": profile.teacher})
+    else:
+        teacher_key = cache.cache_key({"given": base_fingerprint(teacher_name), "stage": "teacher"})
 
     def build_teacher(folder: Path):
-        progress(f"fine-tuning the teacher ({teacher_name}, {len(_rows(len(train), profile.teacher)):,} rows)")
-        rows = training_indices(len(train_t), profile.teacher)
-        finetune(base_model, tokenizer, train_t if rows is None else train_t.select(rows), profile.teacher)
+        if teacher_model is not None:
+            progress(f"checking the given teacher {teacher_name} on validation")
+            check_label_order(base_model, tokenizer, sst2, teacher_name, profile.teacher.max_length)
+        else:
+            rows = training_indices(len(train_t), profile.teacher)
+            progress(f"fine-tuning the teacher ({teacher_name}, {len(rows or train_t):,} rows)")
+            finetune(base_model, tokenizer, train_t if rows is None else train_t.select(rows), profile.teacher)
         save_classifier(base_model, tokenizer, folder)
 
     teacher = _timed_cached(root, "teacher", teacher_key, build_teacher, load_fp32, stages)
@@ -253,8 +281,10 @@ def run(
     threads: int | None = None,
     progress: Callable[[str], None] = no_progress,
     pooling: str | None = None,
+    teacher_model: str | None = None,
 ) -> dict:
-    """The whole job; returns the results document (written out by the CLI). `pooling` overrides the profile's."""
+    """The whole job; returns the results document (written out by the CLI). `pooling` overrides the profile's;
+    `teacher_model` is a fine-tuned classifier used as the teacher as it is."""
     from compression.rows import environment, measure_variants
 
     profile = get_profile(profile_name)
@@ -263,12 +293,13 @@ def run(
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    built = build_then_load(profile, base, data, cache_root, device, threads, progress)
+    built = build_then_load(profile, base, data, cache_root, device, threads, progress, teacher_model)
     rows = measure_variants(built, progress)
     return {
         "schema_version": 1,
         "profile": profile.name,
-        "base": base or profile.teacher_base,
+        "base": None if teacher_model else (base or profile.teacher_base or MINILM),
+        "teacher": teacher_model,
         "student_base": profile.student_base or f"{profile.distill.num_layers} layers cut from the teacher",
         "data": built.sst2.source,
         "pooling": profile.pooling,

@@ -130,3 +130,64 @@ def test_student_of_another_family_and_vocabulary(tmp_path, tiny_base_dir, tiny_
     rows = measure_variants(built)
     assert [r["name"] for r in rows] == NAMES
     assert all(0.0 <= r["val_accuracy"] <= 100.0 for r in rows)
+
+
+# --- a given teacher ----------------------------------------------------------------------------------------
+
+
+def _biased_teacher(folder, model, tokenizer, favour: int):
+    """`model` with a head that always predicts class `favour`, saved as a fine-tuned classifier folder."""
+    import torch
+
+    from compression.artifacts import save_classifier
+
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([1.0, -1.0] if favour == 0 else [-1.0, 1.0]))
+    save_classifier(model, tokenizer, folder)
+    return folder
+
+
+def test_given_teacher_is_used_as_it_is(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    from compression import pipeline
+
+    write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
+    rows = make_sentences(32, seed=2)
+    write_tsv(tmp_path / "sst2" / "dev.tsv", rows)
+    majority = int(sum(label for _, label in rows) * 2 >= len(rows))
+    given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, majority)
+
+    def no_finetune(*args, **kwargs):
+        raise AssertionError("a given teacher must not be fine-tuned")
+
+    monkeypatch.setattr(pipeline, "finetune", no_finetune)
+    built = build_variants(tiny_profile(), None, str(tmp_path / "sst2"), tmp_path / "cache",
+                           teacher_model=str(given))
+    rows_out = measure_variants(built)
+    expected = 100.0 * sum(label == majority for _, label in rows) / len(rows)
+    assert rows_out[0]["name"] == "teacher" and rows_out[0]["val_accuracy"] == round(expected, 2)
+    assert [r["name"] for r in rows_out] == NAMES
+
+
+def test_given_teacher_with_swapped_labels_is_refused(tmp_path, tiny_model, tiny_tokenizer):
+    write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
+    rows = make_sentences(32, seed=2)
+    write_tsv(tmp_path / "sst2" / "dev.tsv", rows)
+    minority = int(sum(label for _, label in rows) * 2 < len(rows))
+    given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, minority)
+    with pytest.raises(ValueError, match="below chance: its labels are not in SST-2's order"):
+        build_variants(tiny_profile(), None, str(tmp_path / "sst2"), tmp_path / "cache", teacher_model=str(given))
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("teacher-")]
+
+
+def test_given_teacher_with_three_labels_is_refused(tmp_path, tiny_config, tiny_tokenizer, sst2_dir):
+    import copy
+
+    from transformers import BertForSequenceClassification
+
+    config = copy.deepcopy(tiny_config)
+    config.num_labels = 3
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "three")
+    tiny_tokenizer.save_pretrained(tmp_path / "three")
+    with pytest.raises(ValueError, match="a 3-label classifier; SST-2 needs 2"):
+        build_variants(tiny_profile(), None, str(sst2_dir), tmp_path / "cache", teacher_model=str(tmp_path / "three"))
