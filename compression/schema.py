@@ -112,6 +112,15 @@ class Environment(_Strict):
     onnxruntime: Text
     bitsandbytes: Text | None = None
 
+    @model_validator(mode="after")
+    def _extras_are_json(self) -> Environment:
+        for key, value in (self.model_extra or {}).items():
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):  # NaN/Infinity would be written as null, silently
+                raise ValueError(f"{key!r} must be plain finite JSON, got {value!r}") from None
+        return self
+
 
 class Results(_Strict):
     """results.json."""
