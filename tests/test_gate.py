@@ -384,3 +384,29 @@ def test_runs_of_different_profiles_are_not_accepted_together():
     other = make_results().model_copy(update={"profile": "full"})
     with pytest.raises(ValueError, match="different profiles"):
         accept([make_results(), other], EMPTY)
+
+
+# --- the benchmarks' hand-built documents go through the schema too ----------------------------------------
+
+
+def test_benchmark_suite_builds_valid_results_the_gate_reads(baselines):
+    from types import SimpleNamespace
+
+    from benchmarks.conftest import Suite
+
+    quality = {v.name: {k: getattr(v, k) for k in ("name", "parameters", "size_mb", "val_accuracy", "flips", "backend")}
+               for v in make_results().variants}
+    run = SimpleNamespace(
+        profile=SimpleNamespace(name="smoke", pooling="mean"), sst2=SimpleNamespace(source="/data/sst2"),
+        stages={name: 1.5 for name in quality}, variants=[SimpleNamespace(name=n, seconds=1.5) for n in quality],
+    )
+    suite = Suite(run, None, [object()] * 300, quality, {}, "cpu", {**ENVIRONMENT, "device": "cpu", "gpu": None})
+    row_ = suite.row("student_int8", 2.5, latency_ratio=0.25, flips=53)
+    assert isinstance(row_, VariantRow)
+    assert (row_.latency_ms.median, row_.latency_ms.samples, row_.flips, row_.build_seconds) == (2.5, 300, 53, 1.5)
+    doc = suite.results([suite.row("teacher", 10.0), row_])
+    assert isinstance(doc, Results) and doc.total_seconds == 7.5
+    bad = failed(check(doc, baselines, only={"student_int8"}))
+    assert [(f.metric, f.value) for f in bad] == [("latency_ratio", 0.25)]  # budget 0.23
+    with pytest.raises(ValueError, match="val_accuracy"):
+        suite.row("student", 1.0, val_accuracy=float("nan"))
