@@ -4,7 +4,7 @@ One pydantic model per document, strict (no "10" for 10, no true for 1), closed 
 typo would otherwise switch a gate off silently) and finite (NaN and Infinity are refused, also as the bare
 `NaN`/`Infinity` tokens Python's json module accepts). Anything malformed is a ValueError of one line:
 
-    PATH: key 'profiles.smoke.teacher.max_size_mb': Input should be a finite number, got inf
+    PATH: key 'profiles.smoke.teacher.max_size_mb': Infinity is not a finite number
 
 Importing this module imports neither torch nor transformers, so the gate runs without them.
 `compress schema results|baselines` prints the JSON Schemas.
