@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from compression.schema import SCHEMA_VERSION, Baselines, Latency, Results, VariantRow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,9 +30,10 @@ class Suite:
 
     run: object  # compression.pipeline.Run
     inputs: dict  # name -> (validation split tokenized by its tokenizer, batch-1 inputs timed for latency)
-    rows: dict  # name -> quality row (no timings)
+    rows: dict  # name -> quality row (no timings): parameters, size, accuracy, flips, backend
     predictions: dict  # name -> predictions [N]
     device: str
+    environment: dict  # compression.pipeline.environment(device)
 
     def variant(self, name: str):
         return next(v for v in self.run.variants if v.name == name)
@@ -39,10 +42,33 @@ class Suite:
         """Batch-1 inputs of `name`, through its own tokenizer (the same sentences for every variant)."""
         return self.inputs[name][1]
 
-    def results(self, rows: list[dict], gpu: str | None = None) -> dict:
-        """A results document in `compress run`'s shape, for `compression.gate.check`."""
-        return {"profile": self.run.profile.name, "environment": {"device": self.device, "gpu": gpu},
-                "variants": rows}
+    def row(self, name: str, median: float, latency_ratio: float | None = None, **changes) -> VariantRow:
+        """`name`'s results row: its quality figures (with `changes`) and a batch-1 median timed by the test.
+
+        The benchmarks time only the median, which is all the gate reads: it stands in for p90 too, and the
+        throughput is the batch-1 one it implies.
+        """
+        return VariantRow(
+            **{**self.rows[name], **changes},
+            latency_ms=Latency(median=median, p90=median, samples=len(self.examples(name))),
+            latency_ratio=latency_ratio,
+            throughput_per_s=1000.0 / median,
+            build_seconds=self.variant(name).seconds,
+        )
+
+    def results(self, rows: list[VariantRow], gpu: str | None = None) -> Results:
+        """A results document in `compress run`'s shape (validated by the schema), for `compression.gate.check`."""
+        return Results(
+            schema_version=SCHEMA_VERSION,
+            profile=self.run.profile.name,
+            base="embedded default (the benchmarks build without --base)",
+            data=self.run.sst2.source,
+            pooling=self.run.profile.pooling,
+            environment={**self.environment, "gpu": gpu},
+            stages_seconds=self.run.stages,
+            total_seconds=round(sum(self.run.stages.values()), 1),
+            variants=rows,
+        )
 
 
 def build_suite(profile_name: str, device: str) -> Suite:
@@ -65,7 +91,7 @@ def build_suite(profile_name: str, device: str) -> Suite:
         row, preds = measured.quality(v, inputs[v.name][0], teacher)
         teacher = preds if teacher is None else teacher
         rows[v.name], predictions[v.name] = row, preds
-    return Suite(run, inputs, rows, predictions, device)
+    return Suite(run, inputs, rows, predictions, device, measured.environment(device))
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +100,10 @@ def profile_name(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def baselines(request) -> dict:
-    from compression.gate import load_baselines
+def baselines(request) -> Baselines:
+    from compression.schema import read_baselines
 
-    return load_baselines(request.config.getoption("--baselines"))
+    return read_baselines(request.config.getoption("--baselines"))
 
 
 @pytest.fixture(scope="session")

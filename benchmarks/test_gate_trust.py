@@ -22,9 +22,8 @@ def _latency_results(suite, name, model):
     """Results for the teacher and `model` (standing for `name`), timed interleaved like the CPU gate."""
     lat, ref = paired_latency(model, suite.variant("teacher").model, suite.examples(name), suite.run.profile.warmup,
                               reference_examples=suite.examples("teacher"))
-    teacher_row = {**suite.rows["teacher"], "latency_ms": {"median": ref.median}}
-    row = {**suite.rows[name], "latency_ms": {"median": lat.median}, "latency_ratio": lat.median / ref.median}
-    return suite.results([teacher_row, row]), lat.median
+    rows = [suite.row("teacher", ref.median), suite.row(name, lat.median, lat.median / ref.median)]
+    return suite.results(rows), lat.median
 
 
 def _ratio_findings(results, baselines, name):
@@ -69,7 +68,7 @@ def test_injected_slowdown_is_caught(cpu_suite, baselines):
 
 def test_injected_accuracy_regression_is_caught(cpu_suite, baselines):
     """Add growing weight noise to one variant until more predictions flip than its budget allows."""
-    budget = baselines["profiles"][cpu_suite.run.profile.name][PERTURBED]["max_flips"]
+    budget = baselines.profiles[cpu_suite.run.profile.name][PERTURBED].max_flips
     source = cpu_suite.variant(PERTURBED).model
     generator = torch.Generator().manual_seed(0)
     teacher_preds = cpu_suite.predictions["teacher"]
@@ -86,10 +85,8 @@ def test_injected_accuracy_regression_is_caught(cpu_suite, baselines):
     assert flipped > budget, f"weight noise up to {scale} flipped only {flipped} predictions"
     from compression.measure import accuracy
 
-    row = {**cpu_suite.rows[PERTURBED], "flips": flipped,
-           "val_accuracy": round(accuracy(preds, validation["labels"]), 2), "latency_ms": {"median": 1}}
-    teacher_row = {**cpu_suite.rows["teacher"], "latency_ms": {"median": 1}}
-    findings = gate.check(cpu_suite.results([teacher_row, row]), baselines, only={PERTURBED})
+    row = cpu_suite.row(PERTURBED, 1.0, flips=flipped, val_accuracy=round(accuracy(preds, validation["labels"]), 2))
+    findings = gate.check(cpu_suite.results([cpu_suite.row("teacher", 1.0), row]), baselines, only={PERTURBED})
     failed = [f for f in findings if not f.ok]
     assert any(f.metric == "flips" for f in failed), findings
     assert all(f.variant == PERTURBED for f in failed)

@@ -44,8 +44,8 @@ def test_gpu_latency(benchmark, gpu_suite, baselines, gpu_teacher_median, name):
     median = timed_rounds(benchmark, gpu_suite.variant(name).model, gpu_suite.examples(name),
                              gpu_suite.run.profile.warmup)
     benchmark.extra_info["latency_ratio_to_teacher"] = round(median / gpu_teacher_median, 3)
-    teacher_row = {**gpu_suite.rows["teacher"], "latency_ms": {"median": gpu_teacher_median}}
-    results = gpu_suite.results([teacher_row, {**row, "latency_ms": {"median": median}}], gpu=device_name)
+    results = gpu_suite.results([gpu_suite.row("teacher", gpu_teacher_median), gpu_suite.row(name, median)],
+                                gpu=device_name)
     findings = [f for f in gate.check(results, baselines, only={name}) if f.metric.startswith("latency")]
     if name == "teacher" and not findings:  # unknown GPU: the teacher is the ratio's denominator
         assert 0.8 < median / gpu_teacher_median < 1.25, "teacher timed twice disagrees"

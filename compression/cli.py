@@ -3,6 +3,7 @@
     compress run [--profile full|smoke] [--base ID_OR_DIR] [--pooling mean|cls] [--data DIR] [--out results/]
     compress check RESULTS [--baselines baselines.json]
     compress baselines --accept RESULTS [RESULTS ...] [--baselines baselines.json]
+    compress schema results|baselines
 
 Bad input is one line on stderr and exit 2; a gate breach is exit 1.
 """
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--accept", type=Path, required=True, nargs="+", metavar="RESULTS",
                       help="results.json of one or more runs (latency ratios: their median)")
     base.add_argument("--baselines", type=Path, default=Path("baselines.json"))
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of results.json or baselines.json")
+    schema.add_argument("document", choices=["results", "baselines"])
     return parser
 
 
@@ -93,18 +97,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _read_results(path: Path) -> dict:
-    from compression.gate import validate_results
-    from compression.models import read_json
-
-    return validate_results(read_json(path), path)
-
-
 def cmd_check(args) -> int:
-    from compression import gate
+    from compression import gate, schema
 
-    results = _read_results(args.results)
-    findings = gate.check(results, gate.load_baselines(args.baselines))
+    results = schema.read_results(args.results)
+    baselines = schema.read_baselines(args.baselines)
+    try:
+        findings = gate.check(results, baselines)
+        ungated = gate.ungated(results, baselines)
+    except ValueError as err:  # the two files do not belong together: name both
+        raise ValueError(f"{args.results} against {args.baselines}: {err}") from None
     width = max(len(f.variant) for f in findings) if findings else 0
     print(f"| {'variant':<{width}} | metric | budget | value | result |\n|:--|:--|--:|--:|:--|")
     for f in findings:
@@ -114,23 +116,32 @@ def cmd_check(args) -> int:
     failed = [f for f in findings if not f.ok]
     for f in failed:
         print(gate.failure_message(f, str(args.results)), file=sys.stderr)
-    print(f"{len(findings) - len(failed)} passed, {len(failed)} failed")
+    for name in ungated:
+        print(f"note: {name} is not gated: {args.baselines} has no budgets for it in profile "
+              f"{results.profile!r}; to gate it: {gate.ACCEPT_HINT.replace('RESULTS', str(args.results))}",
+              file=sys.stderr)
+    print(f"{len(findings) - len(failed)} passed, {len(failed)} failed"
+          + (f", {len(ungated)} not gated ({', '.join(ungated)})" if ungated else ""))
     return EXIT_BREACH if failed else 0
 
 
 def cmd_baselines(args) -> int:
-    from compression import gate, report
+    from compression import gate, report, schema
 
-    runs = [_read_results(path) for path in args.accept]
-    if args.baselines.exists():
-        current = gate.load_baselines(args.baselines)
-    else:
-        current = {"schema_version": gate.SCHEMA_VERSION, "profiles": {}, "gpu": {}}
+    runs = [schema.read_results(path) for path in args.accept]
+    current = schema.read_baselines(args.baselines) if args.baselines.exists() else gate.EMPTY
     new, changes = gate.accept(runs, current)
-    report.write_atomic(args.baselines, (json.dumps(new, indent=2) + "\n").encode())
+    report.write_atomic(args.baselines, schema.dumps(new).encode())
     for line in changes or ["no change"]:
         print(line)
     print(f"wrote {args.baselines}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from compression import schema
+
+    print(json.dumps(schema.json_schema(args.document), indent=2))
     return 0
 
 
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()  # e.g. the base model's "classifier newly initialised" report
-    commands = {"run": cmd_run, "check": cmd_check, "baselines": cmd_baselines}
+    commands = {"run": cmd_run, "check": cmd_check, "baselines": cmd_baselines, "schema": cmd_schema}
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option

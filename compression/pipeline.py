@@ -286,6 +286,7 @@ def run(
     """The whole job; returns the results document (written out by the CLI). `pooling` overrides the profile's;
     `teacher_model` is a fine-tuned classifier used as the teacher as it is."""
     from compression.rows import environment, measure_variants
+    from compression.schema import Results, parse
 
     profile = get_profile(profile_name)
     if pooling is not None:
@@ -295,7 +296,7 @@ def run(
     start = time.perf_counter()
     built = build_then_load(profile, base, data, cache_root, device, threads, progress, teacher_model)
     rows = measure_variants(built, progress)
-    return {
+    document = {
         "schema_version": 1,
         "profile": profile.name,
         "base": None if teacher_model else (base or profile.teacher_base or MINILM),
@@ -308,3 +309,5 @@ def run(
         "total_seconds": round(time.perf_counter() - start, 1),
         "variants": rows,
     }
+    # One row type (compression.schema.VariantRow) for what is written and what report, gate and benchmarks read.
+    return parse(Results, document, "compress run").model_dump(mode="json")

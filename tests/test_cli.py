@@ -16,31 +16,33 @@ import pytest
 import compression.pipeline  # noqa: F401  (imported up front so its import-time warnings are not in capsys)
 from compression import cli
 from compression.cli import EXIT_BREACH, EXIT_ERROR, main
+from compression.schema import VARIANTS, Results, VariantRow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def row(name, acc, flips, size, median):
-    return {
-        "name": name, "parameters": 1_000_000, "size_mb": size, "val_accuracy": acc, "flips": flips,
-        "latency_ms": {"median": median, "p90": median * 1.5, "samples": 300}, "throughput_per_s": 50.0,
-        "backend": "pytorch fp32",
-    }
+def row(name, acc, flips, size, median) -> VariantRow:
+    return VariantRow(
+        name=name, parameters=1_000_000, size_mb=size, val_accuracy=acc, flips=flips,
+        latency_ms={"median": median, "p90": median * 1.5, "samples": 300}, throughput_per_s=50.0,
+        backend="pytorch fp32", build_seconds=0.0,
+    )
 
 
-def results_doc(**changes):
-    variants = [
-        row("teacher", 90.0, 0, 86.65, 10.0),
-        row("student", 88.8, 40, 43.2, 5.0),
-        row("student_int8", 88.4, 52, 11.3, 2.0),
-    ]
-    for v in variants:
+def results_doc(**changes) -> dict:
+    """A valid results.json document (built through the schema), then `changes` per variant (maybe invalid)."""
+    results = Results(
+        schema_version=1, profile="smoke", base="tiny", data="sst2", pooling="mean",
+        environment={"device": "cpu", "gpu": None, "cpu": "Test CPU", "threads": 2, "python": "3.11.0",
+                     "torch": "2.4.0", "transformers": "5.0.0", "onnxruntime": "1.20.0", "bitsandbytes": None},
+        stages_seconds={"teacher": 1.0}, total_seconds=2.0,
+        variants=[row("teacher", 90.0, 0, 86.65, 10.0), row("student", 88.8, 40, 43.2, 5.0),
+                  row("student_int8", 88.4, 52, 11.3, 2.0)],
+    )
+    doc = results.model_dump(mode="json")
+    for v in doc["variants"]:
         v.update(changes.get(v["name"], {}))
-    return {
-        "schema_version": 1, "profile": "smoke", "base": "tiny", "data": "sst2",
-        "environment": {"device": "cpu", "gpu": None, "cpu": "Test CPU", "threads": 2},
-        "variants": variants,
-    }
+    return doc
 
 
 def write_json(path: Path, doc) -> Path:
@@ -298,6 +300,197 @@ def test_accept_into_invalid_existing_baselines(capsys, tmp_path):
     (line,) = stderr_lines(capsys.readouterr())
     assert str(target) in line and "schema_version" in line
     assert json.loads(target.read_text()) == {"schema_version": 7, "profiles": {}}  # untouched
+
+
+# --- malformed documents: exit 2, one line naming the file and the key, never a traceback or a pass --------
+
+
+def one_error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    (line,) = stderr_lines(captured)
+    assert line.startswith(f"compress {command}: error: ")
+    return line
+
+
+def set_in(doc: dict, dotted: str, value) -> dict:
+    *path, last = dotted.split(".")
+    target = doc
+    for part in path:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    target[last] = value
+    return doc
+
+
+# (what to set in the accepted baselines.json, the key the error names, written as raw JSON text)
+BAD_BASELINES = [
+    ("profiles.smoke", "[]", "profiles.smoke"),
+    ("profiles.smoke", "{}", "profiles.smoke"),
+    ("profiles.smoke.student", "{}", "profiles.smoke.student"),
+    ("profiles.smoke.teacher.max_size_mb", "Infinity", "profiles.smoke.teacher.max_size_mb"),
+    ("profiles.smoke.teacher.max_size_mb", "1e999", "profiles.smoke.teacher.max_size_mb"),
+    ("profiles.smoke.teacher.min_accuracy", "-50", "profiles.smoke.teacher.min_accuracy"),
+    ("profiles.smoke.teacher.min_accuracy", "NaN", "profiles.smoke.teacher.min_accuracy"),
+    ("profiles.smoke.student.max_flips", "-1", "profiles.smoke.student.max_flips"),
+    ("profiles.smoke.student.max_latency_ratio", "0", "profiles.smoke.student.max_latency_ratio"),
+    ("profiles.smoke.student.max_accuracy_drop", "-Infinity", "profiles.smoke.student.max_accuracy_drop"),
+    ("gpu", '{"latency_ms": {"Tesla T4": {"student": 0}}}', "gpu.latency_ms.Tesla T4.student"),
+    ("gpu", '{"latency_ratio": {"distilled": 0.5}}', "gpu.latency_ratio.distilled"),
+]
+
+
+def write_raw(path: Path, doc: dict, dotted: str, raw: str) -> Path:
+    """`doc` with the value at `dotted` replaced by the JSON text `raw` (which json.dumps could not write)."""
+    path.write_text(json.dumps(set_in(doc, dotted, "@RAW@")).replace('"@RAW@"', raw))
+    return path
+
+
+@pytest.mark.parametrize(("dotted", "raw", "key"), BAD_BASELINES)
+def test_check_malformed_baselines(capsys, accepted, dotted, raw, key):
+    results, baselines = accepted
+    write_raw(baselines, json.loads(baselines.read_text()), dotted, raw)
+    assert main(["check", str(results), "--baselines", str(baselines)]) == EXIT_ERROR
+    line = one_error_line(capsys, "check")
+    assert line.startswith(f"compress check: error: {baselines}: key '{key}': ")
+
+
+BAD_RESULTS = [
+    ("profile", '["smoke"]', "profile"),
+    ("environment", '"cpu"', "environment"),
+    ("variants.0.latency_ms.median", "0", "variants[0].latency_ms.median"),
+    ("variants.0.val_accuracy", "NaN", "variants[0].val_accuracy"),
+    ("variants.1.size_mb", "Infinity", "variants[1].size_mb"),
+    ("variants.1.flips", "-5", "variants[1].flips"),
+    ("variants.1.flips", "2.5", "variants[1].flips"),
+    ("variants.2.val_accuracy", "150", "variants[2].val_accuracy"),
+    ("variants.2.name", '"student"', "variants"),
+    ("variants.2.name", '"distilled"', "variants[2].name"),
+    ("variants.2.latency_ratio", '"fast"', "variants[2].latency_ratio"),
+    ("total_seconds", "-1", "total_seconds"),
+]
+
+
+@pytest.mark.parametrize(("dotted", "raw", "key"), BAD_RESULTS)
+def test_check_malformed_results(capsys, tmp_path, accepted, dotted, raw, key):
+    _, baselines = accepted
+    bad = write_raw(tmp_path / "bad.json", results_doc(), dotted, raw)
+    assert main(["check", str(bad), "--baselines", str(baselines)]) == EXIT_ERROR
+    line = one_error_line(capsys, "check")
+    assert line.startswith(f"compress check: error: {bad}: key '{key}': ")
+    assert capsys.readouterr().out == ""  # no table: nothing was gated
+
+
+def test_check_results_sharing_no_variant_with_the_profile(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    doc = results_doc()
+    for v, name in zip(doc["variants"], ("teacher_bnb8", "pruned_student", "pruned_student_int8")):
+        v["name"] = name
+    other = write_json(tmp_path / "other.json", doc)
+    assert main(["check", str(other), "--baselines", str(baselines)]) == EXIT_ERROR
+    line = one_error_line(capsys, "check")
+    assert str(other) in line and str(baselines) in line and "shares no variant" in line
+    assert "run: teacher_bnb8, pruned_student, pruned_student_int8" in line
+    assert "baselines: teacher, student, student_int8" in line
+
+
+def test_check_variant_without_budgets_is_a_visible_note(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    doc = results_doc()
+    doc["variants"].append(row("student_bnb8", 88.0, 41, 30.0, 20.0).model_dump(mode="json"))
+    extra = write_json(tmp_path / "extra.json", doc)
+    assert main(["check", str(extra), "--baselines", str(baselines)]) == 0
+    captured = capsys.readouterr()
+    (note,) = stderr_lines(captured)
+    assert note.startswith("note: student_bnb8 is not gated: ") and f"--accept {extra}" in note
+    assert captured.out.splitlines()[-1] == "14 passed, 0 failed, 1 not gated (student_bnb8)"
+
+
+def test_check_missing_budgeted_variant_is_a_breach(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    doc = results_doc()
+    doc["variants"] = [v for v in doc["variants"] if v["name"] != "student"]
+    fewer = write_json(tmp_path / "fewer.json", doc)
+    assert main(["check", str(fewer), "--baselines", str(baselines)]) == EXIT_BREACH
+    captured = capsys.readouterr()
+    (line,) = stderr_lines(captured)
+    assert line.startswith("student: present missing breaks its budget")
+    assert captured.out.splitlines()[-1] == "9 passed, 1 failed"  # teacher 4, student_int8 5
+
+
+# --- baselines --accept: impossible figures refused, strict JSON written, nothing damaged --------------------
+
+
+@pytest.mark.parametrize(
+    ("dotted", "raw", "key"),
+    [
+        ("variants.1.val_accuracy", "NaN", "variants[1].val_accuracy"),
+        ("variants.1.size_mb", "Infinity", "variants[1].size_mb"),
+        ("variants.1.flips", "-5", "variants[1].flips"),
+        ("variants.1.val_accuracy", "150", "variants[1].val_accuracy"),
+        ("variants.0.latency_ms.median", "0", "variants[0].latency_ms.median"),
+    ],
+)
+def test_accept_refuses_impossible_figures(capsys, tmp_path, accepted, dotted, raw, key):
+    _, baselines = accepted
+    before = baselines.read_bytes()
+    bad = write_raw(tmp_path / "bad.json", results_doc(), dotted, raw)
+    assert main(["baselines", "--accept", str(bad), "--baselines", str(baselines)]) == EXIT_ERROR
+    line = one_error_line(capsys, "baselines")
+    assert line.startswith(f"compress baselines: error: {bad}: key '{key}': ")
+    assert baselines.read_bytes() == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "baselines.json", "results.json"]
+
+
+def test_accept_with_one_bad_run_of_several_writes_nothing(capsys, tmp_path):
+    good = write_json(tmp_path / "good.json", results_doc())
+    bad = write_raw(tmp_path / "bad.json", results_doc(), "variants.2.size_mb", "NaN")
+    target = tmp_path / "baselines.json"
+    assert main(["baselines", "--accept", str(good), str(bad), "--baselines", str(target)]) == EXIT_ERROR
+    assert str(bad) in one_error_line(capsys, "baselines")
+    assert not target.exists()
+
+
+def test_accept_writes_strict_json(capsys, accepted):
+    _, baselines = accepted
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    doc = json.loads(baselines.read_text(), parse_constant=refuse)
+    assert set(doc["profiles"]["smoke"]["student"]) == {
+        "min_accuracy", "max_accuracy_drop", "max_flips", "max_size_mb", "max_latency_ratio"}
+    assert "null" not in baselines.read_text()  # budgets left out stay out
+
+
+# --- schema ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("document", ["results", "baselines"])
+def test_schema_prints_the_json_schema(capsys, document):
+    assert main(["schema", document]) == 0
+    captured = capsys.readouterr()
+    published = json.loads(captured.out)
+    assert published["title"] == document.capitalize()
+    assert published["additionalProperties"] is False
+    assert "schema_version" in published["required"]
+    assert stderr_lines(captured) == []
+
+
+def test_schema_of_results_declares_the_row_and_the_variants(capsys):
+    assert main(["schema", "results"]) == 0
+    defs = json.loads(capsys.readouterr().out)["$defs"]
+    row_schema = defs["VariantRow"]
+    assert row_schema["properties"]["name"]["enum"] == list(VARIANTS)
+    assert {"val_accuracy_batched", "e2e_latency_ms", "folder"} <= set(row_schema["properties"])
+    assert "val_accuracy_batched" not in row_schema["required"] and "flips" in row_schema["required"]
+    assert row_schema["properties"]["val_accuracy"]["maximum"] == 100
+
+
+def test_schema_unknown_document_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["schema", "budgets"])
+    assert exc.value.code == 2
+    assert "budgets" in capsys.readouterr().err
 
 
 def test_exit_codes():
