@@ -6,7 +6,9 @@ Every variant, PyTorch or ONNX Runtime, is called the same way: ``model(**batch)
 Two views of a model: as a batch job (`predict`, `latency` on pre-tokenized inputs: the model alone) and as it
 is deployed, one raw sentence per call through its own tokenizer (`predict_single`, `e2e_latency`). They differ
 for ONNX Runtime's dynamic int8, whose activation scales are computed per call over the whole padded batch, so
-a sentence's logits depend on the batch it is in.
+a sentence's logits depend on the batch it is in. A pipeline passes the raw validation sentences
+(``sst2.splits["validation"]["sentence"]``) and the same `max_length` it tokenized with.
+
 Named `measure` rather than `evaluate` so as not to shadow the `evaluate` package.
 """
 
