@@ -2,11 +2,19 @@
 
 Every variant, PyTorch or ONNX Runtime, is called the same way: ``model(**batch).logits`` on a padded batch of
 ``input_ids``, ``attention_mask`` (and ``token_type_ids``), so one set of functions measures them all.
+
+Two views of a model: as a batch job (`predict`, `latency` on pre-tokenized inputs: the model alone) and as it
+is deployed, one raw sentence per call through its own tokenizer (`predict_single`, `e2e_latency`). They differ
+for ONNX Runtime's dynamic int8, whose activation scales are computed per call over the whole padded batch, so
+a sentence's logits depend on the batch it is in. A pipeline passes the raw validation sentences
+(``sst2.splits["validation"]["sentence"]``) and the same `max_length` it tokenized with.
+
 Named `measure` rather than `evaluate` so as not to shadow the `evaluate` package.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -58,6 +66,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def accepted_inputs(model: torch.nn.Module) -> tuple[str, ...]:
+    """The MODEL_INPUTS that `model`'s forward takes by name (all of them if it takes only ``**kwargs``).
+
+    DistilBERT-style models take no token_type_ids, while a BERT tokenizer saved with them still returns them.
+    """
+    params = inspect.signature(model.forward).parameters
+    named = tuple(n for n in MODEL_INPUTS if n in params)
+    if named or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return named
+    return MODEL_INPUTS
+
+
+def encode_one(tokenizer, sentence: str, names: tuple[str, ...], max_length: int = 128) -> dict[str, torch.Tensor]:
+    """One raw sentence as a deployed model gets it: tensors [1, T] named in `names`, truncated, unpadded."""
+    enc = tokenizer(sentence, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in names}
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, ds: datasets.Dataset, tokenizer, batch_size: int = 64) -> np.ndarray:
     """Predicted labels [N] for a tokenized split, in the split's order."""
@@ -66,6 +92,22 @@ def predict(model: torch.nn.Module, ds: datasets.Dataset, tokenizer, batch_size:
     for batch in batches(ds, tokenizer, batch_size):
         logits = model(**to_device(model_inputs(batch), device)).logits
         preds[batch["index"].numpy()] = logits.argmax(-1).cpu().numpy()
+    return preds
+
+
+@torch.inference_mode()
+def predict_single(model: torch.nn.Module, sentences: list[str], tokenizer, max_length: int = 128) -> np.ndarray:
+    """Predicted labels [N] for raw sentences, one sentence per call (batch 1, no padding), in order.
+
+    This is accuracy as the model is used: unlike `predict`, no sentence shares a call (and so, for ONNX
+    Runtime's dynamic int8, activation scales) with others.
+    """
+    device = model_device(model)
+    names = accepted_inputs(model)
+    preds = np.empty(len(sentences), dtype=np.int64)
+    for i, sentence in enumerate(sentences):
+        logits = model(**to_device(encode_one(tokenizer, sentence, names, max_length), device)).logits  # [1, C]
+        preds[i] = int(logits[0].argmax())
     return preds
 
 
@@ -121,6 +163,46 @@ def latency(
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000.0)
+    return _summary(times)
+
+
+@torch.inference_mode()
+def e2e_latency(
+    model: torch.nn.Module,
+    tokenizer,
+    sentences: list[str],
+    warmup: int = 20,
+    max_length: int = 128,
+    warmup_seconds: float = WARMUP_SECONDS,
+) -> Latency:
+    """Median and p90 of per-sentence tokenize + batch-1 forward time over raw `sentences`, once each.
+
+    The model-only figure is `latency`; this one adds what a deployment also pays per request: the tokenizer
+    call and the copy of its tensors to the model's device. Same warm-up policy as `latency` (the untimed calls
+    also tokenize); CUDA is synchronised around each call.
+    """
+    if not sentences:
+        raise ValueError("e2e_latency needs at least one sentence")
+    device = model_device(model)
+    cuda = device.type == "cuda"
+    names = accepted_inputs(model)
+
+    def call(sentence: str) -> None:
+        model(**to_device(encode_one(tokenizer, sentence, names, max_length), device))
+
+    start, calls = time.perf_counter() if warmup_seconds > 0 else 0.0, 0
+    while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
+        call(sentences[calls % len(sentences)])
+        calls += 1
+    times = []
+    for sentence in sentences:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call(sentence)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000.0)
     return _summary(times)
 
 

@@ -17,12 +17,15 @@ from compression import measure
 from compression.data import tokenize
 from compression.measure import (
     Latency,
+    accepted_inputs,
     accuracy,
+    e2e_latency,
     flips,
     latency,
     model_device,
     model_inputs,
     predict,
+    predict_single,
     single_examples,
     throughput,
 )
@@ -48,11 +51,57 @@ class FakeClassifier(torch.nn.Module):
         return SequenceClassifierOutput(logits=torch.stack([1 - odd, odd], dim=-1))
 
 
+class WidthParityClassifier(FakeClassifier):
+    """Class 1 when the call's padded width is odd: a sentence's output depends on the batch it is in."""
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        super().forward(input_ids, attention_mask, token_type_ids)
+        self.ids = getattr(self, "ids", []) + [input_ids.tolist()]
+        odd = float(input_ids.shape[1] % 2)
+        return SequenceClassifierOutput(logits=torch.tensor([[1 - odd, odd]] * input_ids.shape[0]))
+
+
+class NoTokenTypes(torch.nn.Module):
+    """A DistilBERT-like signature: passing token_type_ids is a TypeError."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return SequenceClassifierOutput(logits=torch.zeros(input_ids.shape[0], 2))
+
+
 @pytest.fixture(scope="module")
-def validation(tiny_tokenizer):
+def sentences():
+    return [s for s, _ in make_sentences(40, seed=11)]
+
+
+@pytest.fixture(scope="module")
+def validation(tiny_tokenizer, sentences):
     rows = make_sentences(40, seed=11)
-    ds = datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [label for _, label in rows]})
+    ds = datasets.Dataset.from_dict({"sentence": sentences, "label": [label for _, label in rows]})
     return tokenize(ds, tiny_tokenizer)
+
+
+def split_decisions(model, sentences, tokenizer) -> float:
+    """Point a random model's classifier along its features' main direction of variation and put the decision
+    in the middle half's widest gap, so it answers both classes with no row near a tie. Returns the smallest
+    margin (logit difference).
+
+    A random classifier gives nearly the same logits to every sentence: one class for all, or ties.
+    """
+    features = []
+    hook = model.classifier.register_forward_hook(lambda m, args, out: features.append(args[0][0]))
+    with torch.no_grad():
+        for s in sentences:
+            model(**tokenizer(s, return_tensors="pt"))
+        hook.remove()
+        f = torch.stack(features)  # [N, H]
+        direction = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]  # [H]
+        direction *= 10.0 / (f @ direction).std()
+        model.classifier.weight.copy_(torch.stack([-direction, direction]) / 2)
+        model.classifier.bias.zero_()
+        diff = (f @ direction).sort().values  # [N] logit of class 1 minus class 0
+        k = max(range(len(diff) // 4, 3 * len(diff) // 4), key=lambda i: diff[i + 1] - diff[i])
+        model.classifier.bias.copy_(torch.stack([diff[k] + diff[k + 1], -(diff[k] + diff[k + 1])]) / 4)
+        return float(diff[k + 1] - diff[k]) / 2
 
 
 # --- accuracy and flips ------------------------------------------------------------------------------------
@@ -100,18 +149,77 @@ def test_predict_returns_dataset_order_fake_model(validation, tiny_tokenizer):
     assert sum(b for b, _ in model.calls) == len(validation)
 
 
-def test_predict_matches_per_example_loop(tiny_model, validation, tiny_tokenizer):
+def test_predict_matches_per_example_loop(tiny_model, validation, sentences, tiny_tokenizer):
+    # (the random model answers one class for every row, and a wrong order or a constant would match that)
+    assert split_decisions(tiny_model, sentences, tiny_tokenizer) > 1e-2
     preds = predict(tiny_model, validation, tiny_tokenizer, batch_size=16)
-    expected, margins = [], []
+    expected = []
     with torch.no_grad():
         for row in validation:
             inputs = {k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
-            logits = tiny_model(**inputs).logits[0]
-            expected.append(int(logits.argmax()))
-            margins.append(float((logits[0] - logits[1]).abs()))
-    clear = np.array(margins) > 1e-4  # only rows that padding noise cannot flip
-    assert clear.sum() >= len(validation) - 2
-    np.testing.assert_array_equal(preds[clear], np.array(expected)[clear])
+            expected.append(int(tiny_model(**inputs).logits[0].argmax()))
+    assert 0 < sum(expected) < len(expected)
+    np.testing.assert_array_equal(preds, np.array(expected))
+
+
+# --- predict_single: one raw sentence per call, as deployed ----------------------------------------------------
+
+
+def test_predict_single_equals_predict_for_fp32(any_tiny_model, validation, sentences, tiny_tokenizer):
+    assert split_decisions(any_tiny_model, sentences, tiny_tokenizer) > 1e-2  # far beyond fp32 padding noise
+    batched = predict(any_tiny_model, validation, tiny_tokenizer, batch_size=16)
+    single = predict_single(any_tiny_model, sentences, tiny_tokenizer)
+    assert single.dtype == np.int64 and single.shape == (len(sentences),)
+    assert 0 < single.sum() < len(sentences)  # both classes: a constant answer would not show the order
+    np.testing.assert_array_equal(single, batched)
+
+
+def test_predict_single_runs_each_sentence_alone_unpadded_in_order(validation, sentences, tiny_tokenizer):
+    model = WidthParityClassifier()
+    single = predict_single(model, sentences, tiny_tokenizer)
+    lengths = validation["length"]
+    np.testing.assert_array_equal(single, np.array(lengths) % 2)  # each call as wide as its own sentence
+    assert model.calls == [(1, n) for n in lengths]
+    assert [ids[0] for ids in model.ids] == validation["input_ids"]  # the deployed tokenization, in order
+    # the same model batched answers differently: the fake really does depend on batch composition
+    assert (predict(WidthParityClassifier(), validation, tiny_tokenizer, batch_size=8) != single).any()
+
+
+def test_predict_single_truncates_to_max_length(tiny_tokenizer):
+    model = WidthParityClassifier()
+    predict_single(model, [" ".join(["good"] * 50), "dull"], tiny_tokenizer, max_length=10)
+    assert model.calls == [(1, 10), (1, 3)]
+
+
+def test_inputs_are_restricted_to_what_the_model_takes(sentences, tiny_tokenizer):
+    assert accepted_inputs(NoTokenTypes()) == ("input_ids", "attention_mask")
+    assert accepted_inputs(FakeClassifier()) == ("input_ids", "attention_mask", "token_type_ids")
+    assert "token_type_ids" in tiny_tokenizer("good")  # so the model would be given it unless dropped
+    assert predict_single(NoTokenTypes(), sentences[:3], tiny_tokenizer).tolist() == [0, 0, 0]
+    assert e2e_latency(NoTokenTypes(), tiny_tokenizer, sentences[:3], warmup=1, warmup_seconds=0).samples == 3
+
+
+def test_a_real_model_without_token_type_ids(tiny_distilbert_dir, sentences, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_distilbert_dir).eval()
+    preds = predict_single(model, sentences[:5], tiny_tokenizer)
+    with torch.no_grad():
+        expected = [int(model(**tiny_tokenizer(s, return_tensors="pt", return_token_type_ids=False)).logits.argmax())
+                    for s in sentences[:5]]
+    assert preds.tolist() == expected
+
+
+def test_a_tokenizer_without_token_type_ids(tiny_tokenizer, tiny_model, sentences):
+    from transformers import BertTokenizer
+
+    plain = BertTokenizer(vocab=tiny_tokenizer.vocab, model_input_names=["input_ids", "attention_mask"])
+    assert "token_type_ids" not in plain("good")
+    model = FakeClassifier()
+    predict_single(model, sentences[:4], plain)
+    assert model.kwargs == [{"attention_mask"}] * 4
+    np.testing.assert_array_equal(predict_single(tiny_model, sentences, plain),
+                                  predict_single(tiny_model, sentences, tiny_tokenizer))
 
 
 def test_model_inputs_drops_bookkeeping():
@@ -190,6 +298,88 @@ def test_latency_needs_examples():
         latency(FakeClassifier(), [])
 
 
+# --- e2e_latency: tokenize + forward -------------------------------------------------------------------------
+
+
+class Clock:
+    """A fake perf_counter that only the tokenizer and the model move forward."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer: counts calls and advances the clock by `ms` each."""
+
+    def __init__(self, tokenizer, clock: Clock, ms: float):
+        self.tokenizer, self.clock, self.ms, self.calls = tokenizer, clock, ms, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.clock.now += self.ms / 1000.0
+        return self.tokenizer(*args, **kwargs)
+
+
+class SlowFake(FakeClassifier):
+    def __init__(self, clock: Clock, ms: float):
+        super().__init__()
+        self.clock, self.ms = clock, ms
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        self.clock.now += self.ms / 1000.0
+        return super().forward(input_ids, attention_mask, token_type_ids)
+
+
+def test_e2e_latency_times_tokenizer_and_forward_once_per_sentence(monkeypatch, sentences, tiny_tokenizer):
+    clock = Clock()
+    monkeypatch.setattr(measure, "time", clock)
+    tokenizer, model = CountingTokenizer(tiny_tokenizer, clock, ms=5.0), SlowFake(clock, ms=1.0)
+    lat = e2e_latency(model, tokenizer, sentences[:7], warmup=3, warmup_seconds=0)
+    assert lat.samples == 7
+    assert lat.median == pytest.approx(6.0) and lat.p90 == pytest.approx(6.0)  # tokenizer 5 ms + forward 1 ms
+    assert tokenizer.calls == 3 + 7 and len(model.calls) == 3 + 7  # warm-up calls tokenize too, untimed
+    timed = model.calls[3:]
+    assert timed == [(1, len(tiny_tokenizer(s)["input_ids"])) for s in sentences[:7]]  # each sentence, unpadded
+    # the model-only figure on the same sentences leaves the tokenizer out
+    examples = [dict(tiny_tokenizer(s, return_tensors="pt")) for s in sentences[:7]]
+    assert latency(model, examples, warmup=0, warmup_seconds=0).median == pytest.approx(1.0)
+
+
+def test_e2e_latency_warms_up_for_at_least_warmup_seconds(monkeypatch, sentences, tiny_tokenizer):
+    clock = Clock()
+    monkeypatch.setattr(measure, "time", clock)
+    tokenizer = CountingTokenizer(tiny_tokenizer, clock, ms=5.0)
+    e2e_latency(SlowFake(clock, ms=1.0), tokenizer, sentences[:2], warmup=2, warmup_seconds=0.032)
+    assert tokenizer.calls == 6 + 2  # 6 ms a call: 2 calls are not 32 ms, 6 are
+    tokenizer.calls = 0
+    e2e_latency(SlowFake(clock, ms=1.0), tokenizer, sentences[:2], warmup=9, warmup_seconds=0.032)
+    assert tokenizer.calls == 9 + 2  # and at least `warmup` calls
+
+
+def test_e2e_latency_tiny_model(tiny_model, sentences, tiny_tokenizer):
+    lat = e2e_latency(tiny_model, tiny_tokenizer, sentences[:4], warmup=1)
+    assert lat.samples == 4 and 0 < lat.median <= lat.p90
+
+
+def test_e2e_latency_needs_sentences(tiny_tokenizer):
+    with pytest.raises(ValueError, match="at least one sentence"):
+        e2e_latency(FakeClassifier(), tiny_tokenizer, [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_single_and_e2e_latency_on_cuda(tiny_model, validation, sentences, tiny_tokenizer):
+    split_decisions(tiny_model, sentences, tiny_tokenizer)
+    model = tiny_model.cuda()
+    single = predict_single(model, sentences, tiny_tokenizer)
+    np.testing.assert_array_equal(single, predict(model, validation, tiny_tokenizer, batch_size=16))
+    lat = e2e_latency(model, tiny_tokenizer, sentences[:4], warmup=1)
+    assert lat.samples == 4 and 0 < lat.median <= lat.p90
+
+
 def test_throughput_positive(tiny_model, validation, tiny_tokenizer):
     assert throughput(tiny_model, validation, tiny_tokenizer, batch_size=16) > 0
 
@@ -205,3 +395,4 @@ def test_throughput_counts_examples(monkeypatch, validation, tiny_tokenizer):
 def test_model_device():
     assert model_device(FakeClassifier()) == torch.device("cpu")
     assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")  # the parameters' device

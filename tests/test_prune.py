@@ -31,6 +31,29 @@ def keep_masks():
     return st.lists(row, min_size=LAYERS, max_size=LAYERS).map(lambda rows: torch.tensor(rows))
 
 
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_session):
+    """The tiny model with its encoder's matrices x5 (std 0.1 instead of 0.02).
+
+    At init attention is nearly uniform, so a head's query and key rows hardly move the logits: cutting the wrong
+    ones changed them by 1e-6, under any absolute tolerance fit for logits of 0.01. Here it changes them by a few
+    percent, while pruning's own rounding stays under 1e-6 of their size.
+    """
+    import copy
+
+    model = copy.deepcopy(tiny_model_session)
+    with torch.no_grad():
+        for name, p in model.bert.encoder.named_parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return model
+
+
+def same_logits(actual, expected) -> bool:
+    """Equal up to float rounding: 1e-4 of the logits' scale (a wrong head's rows move them by 1e-2 of it)."""
+    return bool((actual - expected).abs().max() <= 1e-4 * expected.abs().max())
+
+
 def gated_logits(model, batch, keep):
     """The unpruned model's logits with the removed heads' context zeroed."""
     with head_gates(model, lambda layer, b, heads: keep[layer].float().expand(b, heads)):
@@ -39,12 +62,12 @@ def gated_logits(model, batch, keep):
 
 @settings(max_examples=25, deadline=None)
 @given(keep=keep_masks())
-def test_pruned_logits_equal_zeroed_heads(tiny_model_session, tiny_batch, keep):
+def test_pruned_logits_equal_zeroed_heads(sharp_model, tiny_batch, keep):
     import copy
 
-    reference = gated_logits(tiny_model_session, tiny_batch, keep)
-    pruned = prune_heads_(copy.deepcopy(tiny_model_session), keep)
-    assert torch.allclose(pruned(**tiny_batch).logits, reference, atol=1e-5)
+    reference = gated_logits(sharp_model, tiny_batch, keep)
+    pruned = prune_heads_(copy.deepcopy(sharp_model), keep)
+    assert same_logits(pruned(**tiny_batch).logits, reference)
 
 
 @settings(max_examples=25, deadline=None)
@@ -71,7 +94,7 @@ def test_pruning_really_shrinks_the_modules(tiny_model):
     assert tiny_model.bert.encoder.layer[1].attention.self.query.weight.shape == (HIDDEN, HIDDEN)
 
 
-def test_pruning_composes_on_original_indices(tiny_model_session, tiny_batch):
+def test_pruning_composes_on_original_indices(sharp_model, tiny_batch):
     import copy
 
     first = torch.ones(LAYERS, HEADS, dtype=torch.bool)
@@ -79,10 +102,10 @@ def test_pruning_composes_on_original_indices(tiny_model_session, tiny_batch):
     second = first.clone()
     second[1, 3] = False
     second[2, 1] = False
-    twice = prune_heads_(prune_heads_(copy.deepcopy(tiny_model_session), first), second)
-    once = prune_heads_(copy.deepcopy(tiny_model_session), second)
+    twice = prune_heads_(prune_heads_(copy.deepcopy(sharp_model), first), second)
+    once = prune_heads_(copy.deepcopy(sharp_model), second)
     assert kept_heads(twice) == kept_heads(once) == [[0, 1, 2, 3], [1, 2], [0, 2, 3], [0, 1, 2, 3]]
-    assert torch.allclose(twice(**tiny_batch).logits, once(**tiny_batch).logits, atol=1e-6)
+    assert same_logits(twice(**tiny_batch).logits, once(**tiny_batch).logits)
 
 
 def test_keeping_a_removed_head_is_refused(tiny_model):

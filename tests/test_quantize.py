@@ -21,14 +21,47 @@ SNR_FLOOR_DB = {"bnb8": 25.0, "int8": 20.0}
 CONFIGS = {"bnb8": Bnb8Config(), "int8": Int8Config(threads=1)}
 
 
+def informative_(model, tokenizer) -> list[str]:
+    """Make a tiny random classifier's logits tell sentences apart, as a trained one's do; in place.
+
+    At init (weights of std 0.02) the [CLS] model gives every sentence logits of about 0.01 that differ by 1e-4,
+    below one 8-bit activation step: int8 keeps nothing of what tells sentences apart, and a zero or constant
+    output passes any comparison with them. Encoder weights of std 0.1 (x5) make the sentences' features differ;
+    the classifier then reads their main direction of variation, centred on the median sentence, so that the
+    logits are of order 4 and both classes occur. Returns the 24 sentences that set the direction.
+    """
+    from conftest import make_sentences
+
+    sentences = [s for s, _ in make_sentences(24, seed=4)]
+    features = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name and not name.startswith("classifier"):
+                p.mul_(5.0)
+        hook = model.classifier.register_forward_hook(lambda m, args, out: features.append(args[0]))
+        model(**tokenizer(sentences, padding=True, return_tensors="pt"))
+        hook.remove()
+        f = features[0]  # [N, H]
+        direction = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]  # [H]
+        direction *= 4.0 / (f @ direction).std()
+        middle = (f @ direction).median()
+        model.classifier.weight.copy_(torch.stack([-direction, direction]) / 2)  # logit 1 - logit 0 = f . direction
+        model.classifier.bias.copy_(torch.stack([middle, -middle]) / 2)
+    return sentences
+
+
 @pytest.mark.parametrize("kind", ["bnb8", "int8"])
-def test_quantized_logits_keep_signal_to_noise(any_tiny_model, tiny_batch, kind):
+def test_quantized_logits_keep_signal_to_noise(any_tiny_model, tiny_tokenizer, tiny_batch, kind):
+    informative_(any_tiny_model, tiny_tokenizer)
     reference = any_tiny_model(**tiny_batch).logits.detach()
     q = quantize(copy.deepcopy(any_tiny_model), CONFIGS[kind])
     with torch.no_grad():
         out = q(**tiny_batch).logits
     assert out.shape == reference.shape
     assert snr_db(reference, out) > SNR_FLOOR_DB[kind]
+    # the floor is out of reach of an output that ignores the sentences: all zeros, or their mean for each
+    assert snr_db(reference, torch.zeros_like(reference)) < SNR_FLOOR_DB[kind]
+    assert snr_db(reference, reference.mean(0).expand_as(reference)) < SNR_FLOOR_DB[kind]
 
 
 @pytest.mark.parametrize("kind", ["bnb8", "int8"])
@@ -104,11 +137,23 @@ def test_int8_leaves_the_source_model_alone(tiny_model, tiny_batch):
 
 
 def test_onnx_model_handles_other_batch_sizes_and_lengths(tiny_model, tiny_tokenizer):
+    many = informative_(tiny_model, tiny_tokenizer)  # logits of order 4, both signs
+
+    def close(out, ref):  # within a tenth of the reference's largest logit
+        return bool((out - ref).abs().max() <= 0.1 * ref.abs().max())
+
     q = quantize(copy.deepcopy(tiny_model), CONFIGS["int8"])
-    for sentences in (["good"], ["a", "the movie is not very good , too slow and dull"] * 3):
+    for sentences in (["good"], ["a", "the movie is not very good , too slow and dull"] * 3, many):
         batch = dict(tiny_tokenizer(sentences, padding=True, return_tensors="pt"))
-        assert q(**batch).logits.shape == (len(sentences), 2)
-        assert torch.allclose(q(**batch).logits, tiny_model(**batch).logits, atol=0.15)
+        with torch.no_grad():
+            out, ref = q(**batch).logits, tiny_model(**batch).logits
+        assert out.shape == (len(sentences), 2)
+        assert close(out, ref), (out, ref)
+        assert not close(torch.zeros_like(ref), ref)
+    # 24 sentences of 3 to 14 tokens in one padded batch: the same answers, and not one answer for all
+    assert not close(ref.mean(0).expand_as(ref), ref)
+    assert 0 < int(ref.argmax(-1).sum()) < len(many)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("kind", ["bnb8", "int8"])
