@@ -88,7 +88,8 @@ def build_suite(profile_name: str, device: str) -> Suite:
             ds = tokenize(split, v.tokenizer, profile.teacher.max_length)
             by_tokenizer[id(v.tokenizer)] = (ds, single_examples(ds, v.tokenizer, profile.latency_examples))
         inputs[v.name] = by_tokenizer[id(v.tokenizer)]
-        row, preds = measured.quality(v, inputs[v.name][0], teacher)
+        # accuracy and flips as deployed (one sentence per call): the figures baselines.json is accepted from
+        row, preds = measured.quality(v, inputs[v.name][0], teacher, list(split["sentence"]), profile.teacher.max_length)
         teacher = preds if teacher is None else teacher
         rows[v.name], predictions[v.name] = row, preds
     return Suite(run, inputs, rows, predictions, device, measured.environment(device))

@@ -20,15 +20,23 @@ REFERENCE = (
 
 
 def table(variants: list[dict]) -> str:
-    """Markdown table in the reference table's columns, plus p90 latency and the backend."""
+    """Markdown table in the reference table's columns, plus p90, end-to-end latency and the backend.
+
+    Accuracy is at batch 1, one sentence per call (as deployed, and as the latency is timed); where the
+    length-sorted batches of 64 score differently, that figure follows in brackets.
+    """
     lines = [
-        "| # | Parameters | Size (MB) | Val Acc (%) | Latency (ms) | p90 (ms) | Model | Backend |",
-        "|--:|--:|--:|--:|--:|--:|:--|:--|",
+        "| # | Parameters | Size (MB) | Val Acc (%) | Latency (ms) | p90 (ms) | tokenize + forward (ms) | Model | Backend |",
+        "|--:|--:|--:|--:|--:|--:|--:|:--|:--|",
     ]
     for i, v in enumerate(variants, start=1):
+        acc = f"{v['val_accuracy']:.2f}"
+        if v.get("val_accuracy_batched") is not None:
+            acc += f" ({v['val_accuracy_batched']:.2f} batched)"
+        e2e = f"{v['e2e_latency_ms']['median']:.2f}" if v.get("e2e_latency_ms") else "-"
         lines.append(
-            f"| {i} | {v['parameters']:,} | {v['size_mb']:.2f} | {v['val_accuracy']:.2f} | "
-            f"{v['latency_ms']['median']:.2f} | {v['latency_ms']['p90']:.2f} | {v['name']} | {v['backend']} |"
+            f"| {i} | {v['parameters']:,} | {v['size_mb']:.2f} | {acc} | "
+            f"{v['latency_ms']['median']:.2f} | {v['latency_ms']['p90']:.2f} | {e2e} | {v['name']} | {v['backend']} |"
         )
     return "\n".join(lines)
 
@@ -38,8 +46,10 @@ def markdown(results: dict) -> str:
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     return (
         f"# Results ({results['profile']} profile)\n\n"
-        f"Base: {results['base']}. Data: {results['data']}. Measured on {where}; latency is per example at "
-        f"batch size 1 (median and p90 over validation sentences), sizes are MiB of the saved weights.\n\n"
+        f"Teacher: {results.get('teacher') or results['base']}. Student: {results.get('student_base') or '-'}. "
+        f"Data: {results['data']}. Measured on {where}; latency is per example at batch size 1 (median and p90 over "
+        f"validation sentences; the model alone, and tokenize + forward), accuracy at batch 1 as deployed, sizes "
+        f"are MiB of the saved weights.\n\n"
         f"{table(results['variants'])}\n"
     )
 

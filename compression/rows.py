@@ -12,7 +12,9 @@ import torch
 
 from compression.artifacts import size_mb
 from compression.data import tokenize
-from compression.measure import accuracy, flips, latency, paired_latency, predict, single_examples, throughput
+from compression.measure import (
+    accuracy, e2e_latency, flips, latency, paired_latency, predict, predict_single, single_examples, throughput,
+)
 from compression.pipeline import Run, Variant, no_progress
 from compression.quantize import backend_name
 
@@ -53,13 +55,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def quality(v: Variant, validation, teacher_predictions: np.ndarray | None) -> tuple[dict, np.ndarray]:
+def quality(
+    v: Variant, validation, teacher_predictions: np.ndarray | None, sentences: list[str] | None = None,
+    max_length: int = 128,
+) -> tuple[dict, np.ndarray]:
     """A variant's row without timings (parameters, size, accuracy, flips, backend), and its predictions [N].
 
-    `validation` is tokenized by the variant's own tokenizer. With `teacher_predictions` None, flips are
-    counted against the variant's own predictions (the teacher's row).
+    `validation` is tokenized by the variant's own tokenizer. With `sentences` (the same split, raw), accuracy
+    and flips are those of the model as deployed: one sentence per call (`predict_single`), the setting of the
+    latency column; the length-sorted batched accuracy is added as `val_accuracy_batched` where it differs (ONNX
+    Runtime's dynamic int8 scales activations over the whole padded batch). With `teacher_predictions` None,
+    flips are counted against the variant's own predictions (the teacher's row).
     """
-    preds = predict(v.model, validation, v.tokenizer)
+    batched = predict(v.model, validation, v.tokenizer)
+    preds = batched if sentences is None else predict_single(v.model, sentences, v.tokenizer, max_length)
     row = {
         "name": v.name,
         "parameters": v.parameters,
@@ -69,6 +78,9 @@ def quality(v: Variant, validation, teacher_predictions: np.ndarray | None) -> t
         "backend": backend_name(v.model),
         "folder": str(v.folder),
     }
+    batched_accuracy = round(accuracy(batched, validation["labels"]), 2)
+    if batched_accuracy != row["val_accuracy"]:
+        row["val_accuracy_batched"] = batched_accuracy
     return row, preds
 
 
@@ -76,6 +88,8 @@ def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) ->
     """One row per variant: parameters, size, accuracy, flips against the teacher, latency, throughput.
 
     Each variant reads the validation sentences through its own tokenizer (teacher and student may differ).
+    Accuracy and flips are at batch 1, one sentence per call, as deployed (the gate's figures); latency is the
+    model alone on pre-tokenized inputs, and end to end (tokenize + forward).
     """
     split = run.sst2.splits["validation"]
     tokenized: dict[int, tuple] = {}  # per tokenizer: (tokenized split, batch-1 examples)
@@ -86,13 +100,16 @@ def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) ->
             tokenized[id(tokenizer)] = (ds, single_examples(ds, tokenizer, run.profile.latency_examples))
         return tokenized[id(tokenizer)]
 
+    max_length = run.profile.teacher.max_length
+    sentences = list(split["sentence"])
+    timed = sentences[: run.profile.latency_examples]  # the sentences the latency columns time
     rows, teacher_preds = [], None
     teacher = run.variants[0]
     teacher_examples = inputs_for(teacher.tokenizer)[1]
     for v in run.variants:
         progress(f"measuring {v.name}")
         validation, examples = inputs_for(v.tokenizer)
-        row, preds = quality(v, validation, teacher_preds)
+        row, preds = quality(v, validation, teacher_preds, sentences, max_length)
         teacher_preds = preds if teacher_preds is None else teacher_preds
         lat = latency(v.model, examples, warmup=run.profile.warmup)
         if v is not teacher:
@@ -103,6 +120,8 @@ def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) ->
                                          reference_examples=teacher_examples)
             row["latency_ratio"] = round(paired.median / ref.median, 4)
         row["latency_ms"] = {"median": round(lat.median, 3), "p90": round(lat.p90, 3), "samples": lat.samples}
+        e2e = e2e_latency(v.model, v.tokenizer, timed, warmup=run.profile.warmup, max_length=max_length)
+        row["e2e_latency_ms"] = {"median": round(e2e.median, 3), "p90": round(e2e.p90, 3), "samples": e2e.samples}
         row["throughput_per_s"] = round(throughput(v.model, validation, v.tokenizer), 1)
         row["build_seconds"] = v.seconds
         rows.append(row)

@@ -10,7 +10,8 @@ import pytest
 from compression import report
 from compression.report import REFERENCE, markdown, table, write_atomic, write_results
 
-COLUMNS = ["#", "Parameters", "Size (MB)", "Val Acc (%)", "Latency (ms)", "p90 (ms)", "Model", "Backend"]
+COLUMNS = ["#", "Parameters", "Size (MB)", "Val Acc (%)", "Latency (ms)", "p90 (ms)", "tokenize + forward (ms)",
+           "Model", "Backend"]
 
 
 def variant(name, parameters, size, acc, median, p90, backend="pytorch fp32"):
@@ -31,7 +32,8 @@ def results():
         "variants": [
             variant("teacher", 22_713_602, 86.646, 90.1, 12.3456, 15.0),
             variant("student", 1_234_567, 43.3, 88.25, 6.0, 7.5),
-            variant("student_int8", 1_234_567, 11.005, 87.9, 3.141, 4.0, backend="onnxruntime int8"),
+            {**variant("student_int8", 1_234_567, 11.005, 87.9, 3.141, 4.0, backend="onnxruntime int8"),
+             "val_accuracy_batched": 87.5, "e2e_latency_ms": {"median": 4.256, "p90": 5.0, "samples": 300}},
         ],
     }
 
@@ -44,13 +46,13 @@ def _cells(line: str) -> list[str]:
 def test_table_columns_and_rows(results):
     lines = table(results["variants"]).splitlines()
     assert _cells(lines[0]) == COLUMNS
-    assert _cells(lines[1]) == ["--:"] * 6 + [":--"] * 2
+    assert _cells(lines[1]) == ["--:"] * 7 + [":--"] * 2
     assert len(lines) == 2 + 3
-    assert _cells(lines[2]) == ["1", "22,713,602", "86.65", "90.10", "12.35", "15.00", "teacher", "pytorch fp32"]
-    assert _cells(lines[3]) == ["2", "1,234,567", "43.30", "88.25", "6.00", "7.50", "student", "pytorch fp32"]
-    assert _cells(lines[4])[0] == "3"
-    assert _cells(lines[4])[1] == "1,234,567"
-    assert _cells(lines[4])[6:] == ["student_int8", "onnxruntime int8"]
+    assert _cells(lines[2]) == ["1", "22,713,602", "86.65", "90.10", "12.35", "15.00", "-", "teacher", "pytorch fp32"]
+    assert _cells(lines[3]) == ["2", "1,234,567", "43.30", "88.25", "6.00", "7.50", "-", "student", "pytorch fp32"]
+    # batch-1 accuracy first, the batched one beside it where it differs; end-to-end latency where measured
+    assert _cells(lines[4]) == ["3", "1,234,567", "11.01", "87.90 (87.50 batched)", "3.14", "4.00", "4.26",
+                                "student_int8", "onnxruntime int8"]
 
 
 def test_table_reference_figures():
@@ -67,7 +69,7 @@ def test_table_empty():
 def test_markdown_names_profile_base_data_and_machine(results):
     text = markdown(results)
     assert text.startswith("# Results (smoke profile)")
-    assert "Base: tiny." in text and "Data: /data/sst2." in text
+    assert "Teacher: tiny." in text and "Data: /data/sst2." in text
     assert "Measured on Test CPU, 2 threads" in text
     assert table(results["variants"]) in text
     results["environment"]["gpu"] = "Tesla T4"
