@@ -236,14 +236,22 @@ ENCODER_LAYOUTS = {
 }
 
 
-def encoder_layout(model: nn.Module, purpose: str) -> EncoderLayout:
-    """The layout of `model`'s family; ValueError naming the supported families (`purpose` says what needs it)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+def layout_for(model_type: str | None, purpose: str, what: str | None = None) -> EncoderLayout:
+    """The layout of a family by its config's `model_type`; ValueError naming the supported families.
+
+    `purpose` says what needs it ("head pruning"); `what` names the model when it has no model_type. A caller
+    can check a base's config with this before any training (cutting a student and pruning need a layout).
+    """
     if model_type not in ENCODER_LAYOUTS:
-        what = repr(model_type) if model_type else type(model).__name__
+        what = repr(model_type) if model_type else what
         raise ValueError(f"{purpose} supports {', '.join(ENCODER_LAYOUTS)} models, this one is {what}")
     return ENCODER_LAYOUTS[model_type]
+
+
+def encoder_layout(model: nn.Module, purpose: str) -> EncoderLayout:
+    """The layout of `model`'s family; ValueError naming the supported families (`purpose` says what needs it)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return layout_for(model_type, purpose, type(model).__name__)
 
 
 def encoder_layers(model: nn.Module, purpose: str) -> tuple[nn.Module, str, EncoderLayout]:

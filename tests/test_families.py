@@ -13,7 +13,7 @@ from transformers import AlbertConfig, AutoModelForSequenceClassification
 
 from compression.artifacts import load_classifier, load_model, save_classifier, save_quantized
 from compression.distill import DistillConfig, layer_map, make_student
-from compression.models import count_parameters, load_base, mean_pool_class
+from compression.models import count_parameters, layout_for, mean_pool_class
 from compression.profiles import Profile
 from compression.prune import PruneConfig, head_gates, head_importance, kept_heads, prune_heads_
 from compression.quantize import quantize
@@ -249,6 +249,12 @@ def test_an_unsupported_family_is_a_one_line_value_error_naming_the_supported(ti
     text = str(err.value)
     assert "\n" not in text and "'albert'" in text
     assert all(name in text for name in ("bert", "roberta", "mpnet", "distilbert")), text
+
+
+def test_a_base_config_can_be_checked_before_training(tiny_albert_config, tiny_distilbert_config):
+    assert layout_for(tiny_distilbert_config.model_type, "compress run").layers == "transformer.layer"
+    with pytest.raises(ValueError, match=f"compress run supports {SUPPORTED} models, this one is 'albert'"):
+        layout_for(tiny_albert_config.model_type, "compress run")
 
 
 def test_an_unsupported_model_without_a_config_is_named():
