@@ -188,3 +188,85 @@ def tiny_mpnet_dir(tmp_path_factory, tiny_mpnet_config, tiny_mpnet_tokenizer) ->
     MPNetForSequenceClassification(tiny_mpnet_config).save_pretrained(folder)
     tiny_mpnet_tokenizer.save_pretrained(folder)
     return folder
+
+
+# --- tiny RoBERTa and DistilBERT (tests/test_families.py) -------------------------------------------------------
+
+
+def bpe_vocab_and_merges(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary spelling each word (with and without its leading-space marker Ġ) by merges."""
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        for piece in (word, "\u0120" + word):
+            for ch in piece:
+                vocab.setdefault(ch, len(vocab))
+            merged = piece[0]
+            for ch in piece[1:]:
+                if (merged, ch) not in merges:
+                    merges.append((merged, ch))
+                merged += ch
+                vocab.setdefault(merged, len(vocab))
+    return vocab, merges
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_tokenizer():
+    from transformers import RobertaTokenizer
+
+    vocab, merges = bpe_vocab_and_merges(WORDS)
+    return RobertaTokenizer(vocab=vocab, merges=merges)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_config(tiny_roberta_tokenizer):
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        vocab_size=len(tiny_roberta_tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=37, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        num_labels=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_tokenizer():
+    """DistilBERT's WordPiece tokenizer (no token_type_ids) over the tiny BERT's vocabulary."""
+    from transformers import DistilBertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return DistilBertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_config(tiny_distilbert_tokenizer):
+    from transformers import DistilBertConfig
+
+    return DistilBertConfig(
+        vocab_size=len(tiny_distilbert_tokenizer), dim=32, n_layers=3, n_heads=4, hidden_dim=37, dropout=0.0,
+        attention_dropout=0.0, seq_classif_dropout=0.0, max_position_embeddings=64, num_labels=2,
+    )
+
+
+def save_base(folder: Path, config, tokenizer) -> Path:
+    """A random [CLS] classifier of `config` and its tokenizer saved as a base-model folder."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory, tiny_roberta_config, tiny_roberta_tokenizer) -> Path:
+    return save_base(tmp_path_factory.mktemp("tiny-roberta"), tiny_roberta_config, tiny_roberta_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_base_dir(tmp_path_factory, tiny_distilbert_config, tiny_distilbert_tokenizer) -> Path:
+    """A tiny DistilBERT base with its own tokenizer (`tiny_distilbert_dir` is a 1-layer one with BERT's)."""
+    return save_base(tmp_path_factory.mktemp("tiny-distilbert-base"), tiny_distilbert_config,
+                     tiny_distilbert_tokenizer)

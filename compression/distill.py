@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
 from compression.data import batches
+from compression.models import encoder_layers
 from compression.train import TrainConfig, finetune
 
 LOGITS_COLUMN = "teacher_logits"
@@ -60,22 +61,22 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [i * teacher_layers // student_layers for i in range(student_layers)]
 
 
-def _encoder(model: PreTrainedModel) -> torch.nn.Module:
-    base = getattr(model, model.base_model_prefix)
-    return base.encoder
-
-
 def make_student(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """A deep copy of `teacher` keeping `layer_map(...)` of its encoder layers, with their weights."""
+    """A deep copy of `teacher` keeping `layer_map(...)` of its encoder layers, with their weights.
+
+    BERT, RoBERTa, MPNet (its shared relative-position bias table stays whole) and DistilBERT; another family is
+    a ValueError naming these.
+    """
+    encoder_layers(teacher, "cutting a student from the teacher")  # refuse before the deep copy
     mapping = layer_map(teacher.config.num_hidden_layers, num_layers)
     student = copy.deepcopy(teacher)
-    encoder = _encoder(student)
-    encoder.layer = torch.nn.ModuleList(encoder.layer[i] for i in mapping)
-    for new_index, layer in enumerate(encoder.layer):
+    parent, name, _ = encoder_layers(student, "cutting a student from the teacher")
+    setattr(parent, name, torch.nn.ModuleList(getattr(parent, name)[i] for i in mapping))
+    for new_index, layer in enumerate(getattr(parent, name)):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    student.config.num_hidden_layers = num_layers
+    student.config.num_hidden_layers = num_layers  # DistilBERT's config maps this name to n_layers
     return student
 
 

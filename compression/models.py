@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
+    DistilBertForSequenceClassification,
     MPNetForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
@@ -96,10 +98,28 @@ class MeanPoolRobertaForSequenceClassification(_MeanPool, RobertaForSequenceClas
         self._mean_pool_init(self.config)
 
 
+class MeanPoolDistilBertForSequenceClassification(_MeanPool, DistilBertForSequenceClassification):
+    """DistilBERT read by the masked mean of its tokens through one linear layer (its [CLS] head's
+    `pre_classifier` is dropped, so it neither counts as a parameter nor is saved)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^pre_classifier\."]  # a [CLS] classifier's, in a base folder
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__(_marked(config))
+        self.pre_classifier = None
+        self._mean_pool_init(self.config)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        """As `_MeanPool.forward`; token_type_ids (which a BERT tokenizer gives) are dropped: DistilBERT has no
+        segment embeddings, and passed on they would reach its attention as an unknown keyword."""
+        return super().forward(input_ids, attention_mask, None, labels, **kwargs)
+
+
 MEAN_POOL_CLASSES = {
     "bert": MeanPoolBertForSequenceClassification,
     "mpnet": MeanPoolMPNetForSequenceClassification,
     "roberta": MeanPoolRobertaForSequenceClassification,
+    "distilbert": MeanPoolDistilBertForSequenceClassification,
 }
 
 
@@ -199,3 +219,67 @@ def read_json(path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+# --- where each encoder family keeps its layers and attention ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where one encoder family keeps its layers and each layer's attention (dotted module paths).
+
+    `layers` is relative to the base model (`model.<base_model_prefix>`); the others to one layer. `attention` is
+    the module holding the Q/K/V projections and the head-count attribute `heads`; `output` is the projection
+    that reads the heads' concatenated context [B, T, heads * head_size].
+    """
+
+    layers: str
+    attention: str
+    query: str
+    key: str
+    value: str
+    output: str
+    heads: str = "num_attention_heads"
+    # MPNet: the encoder computes one relative-position bias [B, heads, T, T] for all layers, so a layer with
+    # heads removed must take only its kept heads' slice of it.
+    shared_position_bias: bool = False
+
+
+_BERT_LAYOUT = EncoderLayout("encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense")
+ENCODER_LAYOUTS = {
+    "bert": _BERT_LAYOUT,
+    "roberta": _BERT_LAYOUT,  # RoBERTa's layers are BERT's (only embeddings and head differ)
+    "mpnet": EncoderLayout("encoder.layer", "attention.attn", "q", "k", "v", "attention.attn.o",
+                           shared_position_bias=True),
+    "distilbert": EncoderLayout("transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin",
+                                heads="n_heads"),
+}
+
+
+def layout_for(model_type: str | None, purpose: str, what: str | None = None) -> EncoderLayout:
+    """The layout of a family by its config's `model_type`; ValueError naming the supported families.
+
+    `purpose` says what needs it ("head pruning"); `what` names the model when it has no model_type. A caller
+    can check a base's config with this before any training (cutting a student and pruning need a layout).
+    """
+    if model_type not in ENCODER_LAYOUTS:
+        what = repr(model_type) if model_type else what
+        raise ValueError(f"{purpose} supports {', '.join(ENCODER_LAYOUTS)} models, this one is {what}")
+    return ENCODER_LAYOUTS[model_type]
+
+
+def encoder_layout(model: nn.Module, purpose: str) -> EncoderLayout:
+    """The layout of `model`'s family; ValueError naming the supported families (`purpose` says what needs it)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return layout_for(model_type, purpose, type(model).__name__)
+
+
+def encoder_layers(model: nn.Module, purpose: str) -> tuple[nn.Module, str, EncoderLayout]:
+    """(module holding the layer list, the list's attribute name, layout) of a supported classifier."""
+    layout = encoder_layout(model, purpose)
+    parent_path, _, name = layout.layers.rpartition(".")
+    base = getattr(model, model.base_model_prefix)
+    parent = base.get_submodule(parent_path) if parent_path else base
+    if not isinstance(getattr(parent, name, None), nn.ModuleList):
+        raise ValueError(f"{purpose}: {type(model).__name__} has no layer list at {layout.layers}")
+    return parent, name, layout

@@ -1,11 +1,15 @@
-"""Structural attention-head pruning for BERT-family sequence classifiers.
+"""Structural attention-head pruning for BERT, RoBERTa, MPNet and DistilBERT sequence classifiers.
 
 transformers 5 removed `prune_heads` and `head_mask`, so head removal lives here, in three separate parts:
 - scoring: Michel et al. 2019's importance, E_x |dL/dξ_h| for a gate ξ_h on each head's context, normalised
   per layer (`head_importance`);
 - choosing: a keep-mask from scores, a pure function on tensors (`keep_mask_from_scores`);
-- surgery: cutting the kept heads' rows out of Q/K/V and columns out of `attention.output.dense`
-  (`prune_heads_`), so the model really is smaller and faster, not masked.
+- surgery: cutting the kept heads' rows out of Q/K/V and columns out of the output projection (`prune_heads_`),
+  so the model really is smaller and faster, not masked.
+
+Where each family keeps those projections is `compression.models.ENCODER_LAYOUTS`. MPNet adds one relative-position
+bias [B, heads, T, T], computed once by the encoder for all layers; a pruned MPNet layer reads only its kept heads'
+slice of it through a forward pre-hook (`_kept_heads_bias`).
 
 Head indices always refer to the original heads of the unpruned model; a pruned model carries them in its config
 (`kept_heads`, a list per layer) so that it can be saved and loaded.
@@ -21,9 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compression.models import EncoderLayout, encoder_layers
+
 log = logging.getLogger(__name__)
 
 KEPT_HEADS_KEY = "kept_heads"
+KEPT_BIAS_ATTR = "kept_bias_heads"  # on a pruned MPNet self-attention: original heads whose bias it reads
 
 
 @dataclass(frozen=True)
@@ -46,17 +53,44 @@ class PruneConfig:
 # --- model structure ---------------------------------------------------------------------------------------
 
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """Each encoder layer's `attention` block (holding `.self` and `.output.dense`), in order."""
-    found = [
-        m
-        for m in model.modules()
-        if hasattr(m, "self") and hasattr(m, "output") and hasattr(getattr(m, "output"), "dense")
-        and hasattr(getattr(m, "self"), "query")
-    ]
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no BERT-style attention layers (attention.self.query) to prune")
-    return found
+@dataclass(frozen=True)
+class HeadSite:
+    """One encoder layer's self-attention, as `EncoderLayout` names its parts."""
+
+    layer: nn.Module  # the encoder layer
+    attention: nn.Module  # holds the Q/K/V projections and the head count
+    layout: EncoderLayout
+
+    @property
+    def heads(self) -> int:
+        return getattr(self.attention, self.layout.heads)
+
+    @property
+    def head_size(self) -> int:
+        return self.projection("query").out_features // self.heads
+
+    def projection(self, role: str) -> nn.Linear:
+        """The Q, K or V projection ("query", "key", "value"), or "output" (reads the concatenated heads)."""
+        if role == "output":
+            return self.layer.get_submodule(self.layout.output)
+        return self.attention.get_submodule(getattr(self.layout, role))
+
+    def replace(self, role: str, linear: nn.Linear) -> None:
+        if role == "output":
+            owner, path = self.layer, self.layout.output
+        else:
+            owner, path = self.attention, getattr(self.layout, role)
+        parent, _, name = path.rpartition(".")
+        setattr(owner.get_submodule(parent) if parent else owner, name, linear)
+
+
+def attention_sites(model: nn.Module) -> list[HeadSite]:
+    """Each encoder layer's self-attention, in order; ValueError naming the supported families."""
+    parent, name, layout = encoder_layers(model, "head pruning")
+    try:
+        return [HeadSite(layer, layer.get_submodule(layout.attention), layout) for layer in getattr(parent, name)]
+    except AttributeError as err:  # a transformers version that moved the modules
+        raise ValueError(f"head pruning: {type(model).__name__} is not laid out as expected ({err})") from None
 
 
 def kept_heads(model: nn.Module) -> list[list[int]]:
@@ -64,7 +98,7 @@ def kept_heads(model: nn.Module) -> list[list[int]]:
     stored = getattr(model.config, KEPT_HEADS_KEY, None)
     if stored is not None:
         return [list(layer) for layer in stored]
-    return [list(range(a.self.num_attention_heads)) for a in attention_layers(model)]
+    return [list(range(site.heads)) for site in attention_sites(model)]
 
 
 def keep_mask_from_kept(kept: list[list[int]], num_heads: int) -> torch.Tensor:
@@ -109,31 +143,55 @@ def _cut(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return out
 
 
+def _kept_heads_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook (with kwargs) on a head-pruned MPNet self-attention: the encoder-wide relative-position
+    bias [B, original heads, T, T] cut to this layer's kept heads [B, kept, T, T] (`module.kept_bias_heads`)."""
+    heads = getattr(module, KEPT_BIAS_ATTR)
+    if len(args) > 2 and args[2] is not None:  # MPNetAttention passes it positionally
+        args = (*args[:2], args[2][:, heads], *args[3:])
+    elif kwargs.get("position_bias") is not None:
+        kwargs = {**kwargs, "position_bias": kwargs["position_bias"][:, heads]}
+    return args, kwargs
+
+
+def _cut_position_bias(attention: nn.Module, heads: list[int]) -> None:
+    """Make `attention` read only `heads` (original indices) of the shared position bias.
+
+    The hook is registered once per module (deepcopy keeps it; a loaded model gets it again from `prune_heads_`
+    in `artifacts.empty_classifier`); pruning again only changes the heads it reads.
+    """
+    if not hasattr(attention, KEPT_BIAS_ATTR):
+        attention.register_forward_pre_hook(_kept_heads_bias, with_kwargs=True)
+    setattr(attention, KEPT_BIAS_ATTR, list(heads))
+
+
 @torch.no_grad()
 def prune_heads_(model: nn.Module, keep: torch.Tensor) -> nn.Module:
     """Remove, in place, every head whose `keep[layer, head]` is False (bool [layers, original heads]).
 
     Heads already removed must be False. Returns `model`, whose config records the heads kept.
     """
-    layers = attention_layers(model)
+    sites = attention_sites(model)
     num_heads = model.config.num_attention_heads
-    check_mask(keep, len(layers), num_heads)
+    check_mask(keep, len(sites), num_heads)
     current = kept_heads(model)
-    for layer_index, (attention, have) in enumerate(zip(layers, current)):
+    for layer_index, (site, have) in enumerate(zip(sites, current)):
         want = keep[layer_index].nonzero().flatten().tolist()
         gone = [h for h in want if h not in have]
         if gone:
             raise ValueError(f"keep mask keeps head {gone[0]} of layer {layer_index}, which was already removed")
         if want == have:
             continue
-        self_attn = attention.self
-        index = _rows([have.index(h) for h in want], self_attn.attention_head_size)
-        self_attn.query = _cut(self_attn.query, index, 0)
-        self_attn.key = _cut(self_attn.key, index, 0)
-        self_attn.value = _cut(self_attn.value, index, 0)
-        attention.output.dense = _cut(attention.output.dense, index, 1)
-        self_attn.num_attention_heads = len(want)
-        self_attn.all_head_size = len(want) * self_attn.attention_head_size
+        head_size = site.head_size
+        index = _rows([have.index(h) for h in want], head_size)
+        for role in ("query", "key", "value"):
+            site.replace(role, _cut(site.projection(role), index, 0))
+        site.replace("output", _cut(site.projection("output"), index, 1))
+        setattr(site.attention, site.layout.heads, len(want))
+        if hasattr(site.attention, "all_head_size"):  # BERT, RoBERTa, MPNet reshape by it; DistilBERT by -1
+            site.attention.all_head_size = len(want) * head_size
+        if site.layout.shared_position_bias:
+            _cut_position_bias(site.attention, want)
         current[layer_index] = want
     setattr(model.config, KEPT_HEADS_KEY, current)
     return model
@@ -165,9 +223,8 @@ def head_gates(model: nn.Module, gate_fn) -> Iterator[list[torch.Tensor]]:
         return pre_hook
 
     try:
-        for i, attention in enumerate(attention_layers(model)):
-            hook = hook_for(i, attention.self.attention_head_size)
-            handles.append(attention.output.dense.register_forward_pre_hook(hook))
+        for i, site in enumerate(attention_sites(model)):
+            handles.append(site.projection("output").register_forward_pre_hook(hook_for(i, site.head_size)))
         yield used
     finally:
         for h in handles:
@@ -181,7 +238,7 @@ def head_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     """
     if getattr(model.config, KEPT_HEADS_KEY, None) is not None:
         raise ValueError("head_importance needs an unpruned model (this one already has heads removed)")
-    layers = attention_layers(model)
+    layers = attention_sites(model)
     device = next(model.parameters()).device
     scores = torch.zeros(len(layers), model.config.num_attention_heads, dtype=torch.float64)
     was_training = model.training

@@ -92,9 +92,11 @@ def test_load_base_rejects_an_unknown_pooling(tiny_base_dir):
         load_base(str(tiny_base_dir), pooling="max")
 
 
-def test_load_base_mean_pooling_names_the_supported_families(tiny_distilbert_dir):
-    with pytest.raises(ValueError, match="mean pooling supports bert, mpnet, roberta models, this one is 'distilbert'"):
-        load_base(str(tiny_distilbert_dir), pooling="mean")
+def test_load_base_mean_pooling_of_distilbert(tiny_distilbert_dir):
+    """DistilBERT's mean-pooled head replaces its [CLS] one (pre_classifier + classifier) by one linear layer;
+    an unsupported family's message is tests/test_families.py's."""
+    model, _ = load_base(str(tiny_distilbert_dir), pooling="mean")
+    assert type(model).__name__ == "MeanPoolDistilBertForSequenceClassification" and model.pre_classifier is None
     model, _ = load_base(str(tiny_distilbert_dir), pooling="cls")
     assert type(model).__name__ == "DistilBertForSequenceClassification"
 

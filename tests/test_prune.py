@@ -135,8 +135,9 @@ def test_head_index_out_of_range_is_named():
         keep_mask_from_kept([[0], [7]], 4)
 
 
-def test_model_without_bert_attention_is_refused():
-    with pytest.raises(ValueError, match="Sequential has no BERT-style attention"):
+def test_model_of_no_supported_family_is_refused():
+    with pytest.raises(ValueError, match="head pruning supports bert, roberta, mpnet, distilbert models, this one is "
+                                         "Sequential"):
         prune_heads_(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(1, 1, dtype=torch.bool))
 
 
