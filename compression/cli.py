@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.verbose:
+    if args.command == "run" and not args.verbose:  # check/baselines/schema never import torch or transformers
         import transformers
 
         transformers.logging.set_verbosity_error()  # e.g. the base model's "classifier newly initialised" report
+        transformers.logging.disable_progress_bar()  # weight-loading bars; the training progress bar stays
     commands = {"run": cmd_run, "check": cmd_check, "baselines": cmd_baselines, "schema": cmd_schema}
     try:
         return commands[args.command](args)

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 from compression import cache
 from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
-from compression.models import count_parameters, load_base, load_finetuned
+from compression.models import count_parameters, layout_for, load_base, load_finetuned
 from compression.profiles import Profile, get_profile
 from compression.prune import head_importance, keep_mask_from_scores, prune_heads_
 from compression.quantize import quantize
@@ -153,6 +154,13 @@ def build_variants(
         base_model, tokenizer = load_base(teacher_name, pooling=profile.pooling, cache_root=root)
     else:
         base_model, tokenizer = load_finetuned(teacher_name)
+    # Every stage a family must support is checked here, before hours of training (one-line errors).
+    if profile.student_base is None:
+        student_type = base_model.config.model_type
+        layout_for(student_type, "cutting a student from the teacher", type(base_model).__name__)
+    else:
+        student_type = AutoConfig.from_pretrained(resolve_base(profile.student_base, root)).model_type
+    layout_for(student_type, "head pruning")
     train_t = tokenize(train, tokenizer, profile.teacher.max_length)
 
     def load_fp32(folder: Path):

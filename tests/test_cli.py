@@ -118,16 +118,6 @@ def test_run_data_from_env_missing(capsys, monkeypatch, tmp_path):
     assert str(tmp_path / "gone") in line
 
 
-def test_run_mean_pooling_on_a_non_bert_base(capsys, sst2_dir, tiny_distilbert_dir, tmp_path):
-    out = tmp_path / "out"
-    args = ["run", "--profile", "smoke", "--data", str(sst2_dir), "--base", str(tiny_distilbert_dir), "--out", str(out)]
-    assert main([*args, "--cache", str(tmp_path / "c")]) == EXIT_ERROR
-    (line,) = stderr_lines(capsys.readouterr())
-    assert line.startswith("compress run: error: ") and str(tiny_distilbert_dir) in line
-    assert "mean pooling needs a BERT model" in line and "'cls'" in line
-    assert not out.exists()
-
-
 def test_run_unknown_pooling_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--pooling", "max"])

@@ -262,9 +262,10 @@ def test_an_unsupported_model_without_a_config_is_named():
         prune_heads_(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(1, 1, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_cli_refuses_an_unsupported_family_in_one_line(capsys, monkeypatch, tmp_path, sst2_dir, tiny_tokenizer,
-                                                       tiny_albert_config):
-    """`compress run` on an ALBERT base with mean pooling: exit 2, one line naming the supported families."""
+                                                       tiny_albert_config, pooling):
+    """`compress run` on an ALBERT base: exit 2, one line naming the supported families, before any training."""
     from compression import cli, pipeline
 
     base = tmp_path / "albert"
@@ -272,12 +273,17 @@ def test_cli_refuses_an_unsupported_family_in_one_line(capsys, monkeypatch, tmp_
     tiny_tokenizer.save_pretrained(base)
     capsys.readouterr()  # save_pretrained's progress bar is not the command's output
 
-    def build_here(profile, base, data, cache_root, device, threads=None, progress=pipeline.no_progress):
+    def build_here(profile, base, data, cache_root, device, threads=None, progress=pipeline.no_progress,
+                   teacher_model=None):
         return pipeline.build_variants(profile, base, data, cache_root, device, progress)  # no build process
 
+    def no_training(*args, **kwargs):
+        raise AssertionError("an unsupported family must be refused before any training")
+
     monkeypatch.setattr(pipeline, "build_then_load", build_here)
+    monkeypatch.setattr(pipeline, "finetune", no_training)
     out = tmp_path / "out"
-    args = ["run", "--profile", "smoke", "--base", str(base), "--pooling", "mean", "--data", str(sst2_dir),
+    args = ["run", "--profile", "smoke", "--base", str(base), "--pooling", pooling, "--data", str(sst2_dir),
             "--out", str(out), "--cache", str(tmp_path / "cache")]
     assert cli.main(args) == cli.EXIT_ERROR
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
