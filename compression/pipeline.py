@@ -126,10 +126,9 @@ def build_then_load(
     depend on whether the cache was warm. Figures are therefore always taken in a process that only loads.
     `progress` must be picklable (a module-level function).
     """
-    import multiprocessing
+    from compression.worker import run_in_child
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        stages = pool.apply(_build_stages, (profile, base, data, cache_root, device, threads, progress))
+    stages = run_in_child(_build_stages, profile, base, data, cache_root, device, threads, progress)
     built = build_variants(profile, base, data, cache_root, device)
     built.stages = stages
     for v in built.variants:
