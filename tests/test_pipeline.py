@@ -74,7 +74,8 @@ def test_second_build_loads_the_same_models_from_the_cache(job):
     args, first = job
     second = build_variants(*args)
     cache = args[3]
-    assert sorted(p.name for p in cache.iterdir() if p.name != ".locks") == sorted(v.folder.name for v in second.variants)
+    entries = sorted(p.name for p in cache.iterdir() if p.name != ".locks")  # (.locks: the cache's lock files)
+    assert entries == sorted(v.folder.name for v in second.variants)
     assert [v.folder for v in second.variants] == [v.folder for v in first.variants]
     validation = tokenize(second.sst2.splits["validation"], second.tokenizer)
     for a, b in zip(first.variants, second.variants):  # what was built is what the cache gives back

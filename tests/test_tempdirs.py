@@ -57,7 +57,8 @@ def test_sweep_removes_only_folders_of_dead_processes(tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         gone = tmp_path / f"compression-trainer-{dead}-abcdefgh"
-        kept = [tmp_path / f"compression-trainer-{alive.pid}-abcdefgh", tmp_path / f"compression-trainer-{os.getpid()}-x",
+        kept = [tmp_path / f"compression-trainer-{alive.pid}-abcdefgh",
+                tmp_path / f"compression-trainer-{os.getpid()}-x",
                 tmp_path / f"other-{dead}-abcdefgh", tmp_path / "compression-trainer-abcdefgh"]
         for folder in [gone, *kept]:
             (folder / "sub").mkdir(parents=True)
