@@ -14,12 +14,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
+from compression import worker
+
 EXIT_BREACH = 1
 EXIT_ERROR = 2
+EXIT_TERMINATED = worker.EXIT_TERMINATED  # 143, SIGTERM; Ctrl-C is 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,16 +81,36 @@ def _device(choice: str) -> str:
     return choice
 
 
+def check_output_folder(option: str, folder: Path) -> None:
+    """Raise ValueError naming `option` unless `folder` is, or can be created as, a folder this user can write to.
+
+    Nothing is created: a run that fails later must not leave an empty results folder behind.
+    """
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if existing == path and not path.is_dir():
+        raise ValueError(f"{option} {folder}: exists and is not a folder")
+    if not existing.is_dir():
+        raise ValueError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it is" if existing == path else f"{existing} is"
+        raise ValueError(f"{option} {folder}: not writable ({where} read-only for this user)")
+
+
 def cmd_run(args) -> int:
-    from compression import data
+    from compression import cache, data
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     data.resolve_data_dir(args.data)  # fail on a bad folder before loading any model
     if args.base is not None and args.teacher is not None:
         raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    check_output_folder("--out", args.out)  # ... and on a folder the results could not be written to
+    if args.cache is not None:
+        check_output_folder("--cache", args.cache)
+    else:
+        default = "$" + cache.CACHE_ENV if os.environ.get(cache.CACHE_ENV) else "--cache (default)"
+        check_output_folder(default, cache.default_root())
     device = _device(args.device)
     from compression import pipeline, report  # slow imports, after the arguments are known to be good
 
@@ -158,15 +183,21 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()  # e.g. the base model's "classifier newly initialised" report
         transformers.logging.disable_progress_bar()  # weight-loading bars; the training progress bar stays
     commands = {"run": cmd_run, "check": cmd_check, "baselines": cmd_baselines, "schema": cmd_schema}
+    # SIGTERM (`timeout`, a cancelled CI job) unwinds like Ctrl-C: temporary folders are removed, the worker stopped.
+    previous = worker.handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option
         print(f"compress {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"compress {args.command}: interrupted (cached artifacts and results are written whole or not at "
-              "all)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how, code = ("terminated", EXIT_TERMINATED) if isinstance(err, worker.Terminated) else ("interrupted", 130)
+        print(f"compress {args.command}: {how} (cached artifacts and results are written whole or not at all)",
+              file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,9 @@ def build_then_load(
     depend on whether the cache was warm. Figures are therefore always taken in a process that only loads.
     `progress` must be picklable (a module-level function).
     """
-    import multiprocessing
+    from compression.worker import run_in_child
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        stages = pool.apply(_build_stages, (profile, base, data, cache_root, device, threads, progress,
-                                            teacher_model))
+    stages = run_in_child(_build_stages, profile, base, data, cache_root, device, threads, progress, teacher_model)
     built = build_variants(profile, base, data, cache_root, device, teacher_model=teacher_model)
     built.stages = stages
     for v in built.variants:

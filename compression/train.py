@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from compression import tempdirs
 from compression.data import collator
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,8 @@ def finetune(
 
     `trainer_class` / `trainer_kwargs` let distillation reuse this with its own loss.
     """
-    with tempfile.TemporaryDirectory(prefix="compression-trainer-") as tmp:
+    tempdirs.sweep_tmp("compression-trainer")  # the Trainer folders of runs that were killed
+    with tempfile.TemporaryDirectory(prefix=tempdirs.prefix("compression-trainer")) as tmp:
         trainer = trainer_class(
             model=model,
             args=training_arguments(config, tmp),

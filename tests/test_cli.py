@@ -1,14 +1,17 @@
 """compression.cli: exit codes (0 ok, 1 breach, 2 bad input), one-line errors, and the check/accept round trip.
 
-Nothing here trains or loads a model: `run` is only exercised on inputs it must reject before doing any work.
+Nothing here trains or loads a model: `run` is only exercised on inputs it must reject before doing any work, and
+(in a subprocess) with its job replaced by a long fake build, to be stopped by SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -485,3 +488,164 @@ def test_schema_unknown_document_is_usage_error(capsys):
 
 def test_exit_codes():
     assert (cli.EXIT_BREACH, cli.EXIT_ERROR) == (1, 2)
+
+
+# --- run: --out and --cache are checked before anything is loaded ----------------------------------------------
+
+
+def run_rejected(capsys, *args) -> str:
+    """`compress run ARGS` must fail at once with one line on stderr (and not load a model): that line."""
+    start = time.perf_counter()
+    assert main(["run", *args]) == EXIT_ERROR
+    assert time.perf_counter() - start < 10  # no training, no model loading
+    captured = capsys.readouterr()
+    (line,) = stderr_lines(captured)
+    assert line.startswith("compress run: error: ") and "Traceback" not in captured.err
+    assert captured.out == ""
+    return line
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    """Fail the test if the job itself starts."""
+    def run(*args, **kwargs):
+        raise AssertionError("the job started before its options were checked")
+
+    monkeypatch.setattr(compression.pipeline, "run", run)
+
+
+@pytest.mark.usefixtures("no_pipeline")
+def test_run_out_under_a_file(capsys, sst2_dir, tmp_path):
+    blocker = tmp_path / "results.json"
+    blocker.write_text("{}")
+    line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(blocker / "sub"), "--cache", str(tmp_path / "c"))
+    assert line == f"compress run: error: --out {blocker / 'sub'}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "{}" and not (tmp_path / "c").exists()  # nothing written, nothing damaged
+
+
+@pytest.mark.usefixtures("no_pipeline")
+def test_run_cache_is_a_file(capsys, sst2_dir, tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("mine")
+    line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(tmp_path / "out"), "--cache", str(blocker))
+    assert line == f"compress run: error: --cache {blocker}: exists and is not a folder"
+    assert blocker.read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("no_pipeline")
+def test_run_cache_under_a_file(capsys, sst2_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(tmp_path / "out"),
+                        "--cache", str(blocker / "a" / "b"))
+    assert line == f"compress run: error: --cache {blocker / 'a' / 'b'}: {blocker} is a file, not a folder"
+
+
+@pytest.mark.usefixtures("no_pipeline")
+def test_run_default_cache_from_the_environment_is_a_file(capsys, sst2_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_text("mine")
+    monkeypatch.setenv("COMPRESSION_CACHE", str(blocker))
+    line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(tmp_path / "out"))
+    assert line == f"compress run: error: $COMPRESSION_CACHE {blocker}: exists and is not a folder"
+
+
+@pytest.mark.usefixtures("no_pipeline")
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_run_folder_not_writable(capsys, sst2_dir, tmp_path, monkeypatch, option):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # (chmod cannot show this where tests run as root, who may write anywhere: os.access is what the check asks)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    folders = {"--out": str(tmp_path / "out"), "--cache": str(tmp_path / "c"), option: str(locked / "sub")}
+    line = run_rejected(capsys, "--data", str(sst2_dir), *[x for kv in folders.items() for x in kv])
+    assert line == f"compress run: error: {option} {locked / 'sub'}: not writable ({locked} is read-only for this user)"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only folder")
+@pytest.mark.usefixtures("no_pipeline")
+def test_run_out_in_a_read_only_folder(capsys, sst2_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(locked), "--cache", str(tmp_path / "c"))
+    assert "--out" in line and "not writable (it is read-only" in line
+
+
+def test_check_output_folder_accepts_a_new_or_existing_folder_and_creates_nothing(tmp_path):
+    cli.check_output_folder("--out", tmp_path)
+    cli.check_output_folder("--out", tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- run: SIGTERM and Ctrl-C --------------------------------------------------------------------------------------
+
+# `compress run` with the job replaced by a long build in the worker, inside the cache, as the real job runs.
+FAKE_RUN = """
+import os, sys, time
+from pathlib import Path
+from compression import cache, cli
+from compression.worker import run_in_child
+
+def slow_build(folder):
+    (folder / "half.bin").write_text("half")
+    (Path(sys.argv[1]) / "child.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+def job(root):
+    cache.cached(Path(root), "teacher", "k", slow_build, lambda folder: None)
+
+def fake_cmd_run(args):
+    run_in_child(job, str(args.cache))
+    raise AssertionError("unreachable")
+
+if __name__ == "__main__":
+    cli.cmd_run = fake_cmd_run
+    sys.exit(cli.main(["-v", "run", "--cache", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize(("signum", "group", "code", "word"), [
+    (signal.SIGTERM, False, 143, "terminated"),  # a cancelled CI job: the main process
+    (signal.SIGTERM, True, 143, "terminated"),  # `timeout`: the whole process group
+    (signal.SIGINT, True, 130, "interrupted"),  # Ctrl-C
+    (signal.SIGINT, False, 130, "interrupted"),  # the main process alone: it stops the worker
+])
+def test_run_signal_stops_the_worker_and_leaves_no_temporary_folder(tmp_path, signum, group, code, word):
+    from compression.tempdirs import pid_alive
+
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    root = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(root)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "child.pid").exists() and (tmp_path / "child.pid").read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        child = int((tmp_path / "child.pid").read_text())
+        assert [p.name for p in root.iterdir() if p.name.startswith(".teacher-k-")]  # the build is under way
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert err.splitlines()[-1] == (f"compress run: {word} (cached artifacts and results are written whole or not "
+                                    "at all)")
+    assert [line for line in err.splitlines() if line.startswith("compress ")] == [err.splitlines()[-1]]
+    assert "Traceback" not in err and "leaked" not in err
+    assert not pid_alive(child)
+    assert sorted(p.name for p in root.iterdir()) == [".locks"]  # the temporary folder was removed
+
+
+def test_sigterm_handler_is_restored_after_main(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    main(["check", "/no/such/results.json"])
+    assert signal.getsignal(signal.SIGTERM) is before
