@@ -161,14 +161,30 @@ def _place(work: Path, out: Path, overwrite: bool) -> None:
 def predict_texts(folder: str | os.PathLike, texts: Sequence[str]) -> list[tuple[str, float]]:
     """(label, probability of that label) per text, one text per call as deployed: onnxruntime + tokenizers only."""
     import numpy as np
+
+    folder = Path(folder)
+    if not (folder / LABELS_FILE).is_file():
+        raise ValueError(f"{folder}: not an exported folder (no {LABELS_FILE}; make one with compress export)")
+    labels = _read_json(folder / LABELS_FILE)
+    results = []
+    for logits in text_logits(folder, texts):
+        shifted = np.exp(logits.astype(np.float64) - logits.max())
+        probs = shifted / shifted.sum()
+        best = int(probs.argmax())
+        results.append((labels.get(str(best), str(best)), float(probs[best])))
+    return results
+
+
+def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:
+    """The exported model's logits [C] for each text, run at batch 1 (onnxruntime + tokenizers only)."""
+    import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
     folder = Path(folder)
-    for name in (ONNX_FILE, TOKENIZER_FILE, LABELS_FILE):
+    for name in (ONNX_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise ValueError(f"{folder}: not an exported folder (no {name}; make one with compress export)")
-    labels = _read_json(folder / LABELS_FILE)
     try:  # both raise their own exception types; name the file instead of a traceback
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
     except Exception as err:
@@ -178,16 +194,13 @@ def predict_texts(folder: str | os.PathLike, texts: Sequence[str]) -> list[tuple
     except Exception as err:
         raise ValueError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({err})") from None
     names = [i.name for i in session.get_inputs()]
-    results = []
+    out = []
     for text in texts:
         enc = tokenizer.encode(text)
         given = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
         (logits,) = session.run(["logits"], {n: np.array([given[n]], dtype=np.int64) for n in names})
-        shifted = np.exp(logits[0].astype(np.float64) - logits[0].max())
-        probs = shifted / shifted.sum()
-        best = int(probs.argmax())
-        results.append((labels.get(str(best), str(best)), float(probs[best])))
-    return results
+        out.append(logits[0])
+    return out
 
 
 def _read_json(path: Path) -> dict:
