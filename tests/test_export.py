@@ -63,10 +63,14 @@ def saved_all(tmp_path_factory, tiny_model_session, tiny_mean_model_session, tin
             scale = MARGIN / (centred[:, 1] - centred[:, 0]).abs().median()
             model.classifier.weight.mul_(scale)
             model.classifier.bias.copy_((model.classifier.bias - logits.mean(0)) * scale)
+        # A tokenizer call leaves its truncation and padding in the saved tokenizer.json: the export must reset them.
+        stale = copy.deepcopy(tiny_tokenizer)
+        stale.backend_tokenizer.enable_truncation(max_length=8)
+        stale.backend_tokenizer.enable_padding(length=80)
         root = tmp_path_factory.mktemp(f"export-{pooling}")
-        save_classifier(model, tiny_tokenizer, root / "fp32")
+        save_classifier(model, stale, root / "fp32")
         (root / "int8").mkdir()
-        save_quantized(quantize(copy.deepcopy(model), Int8Config(threads=1)), tiny_tokenizer, root / "int8")
+        save_quantized(quantize(copy.deepcopy(model), Int8Config(threads=1)), stale, root / "int8")
         out[pooling] = Saved(model, root / "fp32", root / "int8",
                              export_variant(root / "fp32", root / "out-fp32"),
                              export_variant(root / "int8", root / "out-int8"))
@@ -144,7 +148,8 @@ def test_exported_tokenizer_truncates_like_transformers(saved_all, tiny_tokenize
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(saved_all["cls"].int8_out / "tokenizer.json"))
-    assert json.loads((saved_all["cls"].int8_out / "tokenizer.json").read_text())["truncation"]["max_length"] == 64
+    settings = json.loads((saved_all["cls"].int8_out / "tokenizer.json").read_text())
+    assert settings["truncation"]["max_length"] == 64 and settings["padding"] is None
     for text in SENTENCES:
         enc = tokenizer.encode(text)
         expected = tiny_tokenizer(text, truncation=True, max_length=64)
@@ -333,15 +338,16 @@ def test_cli_export_from_a_cache_folder(capsys, tmp_path, saved_all):
 
 
 @pytest.mark.parametrize("variant, named", [
-    ("nope", "'nope'"),  # unknown variant: the file and the variant are named
-    ("student_int8", "gone"),  # its folder is no longer in the cache
-    ("student", "'folder'"),  # a results.json from before export
+    ("nope", ["results.json: no variant 'nope' (has: teacher, teacher_int8, student_int8, student)"]),
+    ("student_int8", ["gone: the folder of 'student_int8' is no longer in the cache"]),
+    ("student", ["results.json: variant 'student' has no 'folder'"]),  # a results.json from before export
 ])
 def test_cli_export_bad_variant(capsys, tmp_path, results_json, variant, named):
     out = tmp_path / "sentiment"
     assert main(["export", str(results_json), variant, "--out", str(out)]) == EXIT_ERROR
     line = stderr_line(capsys)
-    assert line.startswith("compress export: error: ") and named in line
+    assert line.startswith("compress export: error: ")
+    assert all(part in line for part in named), line
     assert not out.exists()
 
 
