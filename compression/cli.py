@@ -4,6 +4,8 @@
     compress check RESULTS [--baselines baselines.json]
     compress baselines --accept RESULTS [RESULTS ...] [--baselines baselines.json]
     compress schema results|baselines
+    compress export (RESULTS VARIANT | --folder CACHE_FOLDER) --out DIR [--overwrite]
+    compress predict DIR TEXT [TEXT ...]
 
 Bad input is one line on stderr and exit 2; a gate breach is exit 1.
 """
@@ -64,7 +66,22 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of results.json or baselines.json")
     schema.add_argument("document", choices=["results", "baselines"])
+    _add_export_parsers(sub)
     return parser
+
+
+def _add_export_parsers(sub) -> None:
+    """`export` and `predict`: take a variant out of the cache, and run what was taken out."""
+    export = sub.add_parser("export", help="write a variant to a folder that runs under onnxruntime + tokenizers")
+    export.add_argument("results", type=Path, nargs="?", help="results.json of a run (its rows name their folders)")
+    export.add_argument("variant", nargs="?", help="a variant of that run, e.g. student_int8")
+    export.add_argument("--folder", type=Path, default=None, help="a cache folder, instead of RESULTS VARIANT")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    predict = sub.add_parser("predict", help="label and probability of each text, from an exported folder")
+    predict.add_argument("folder", type=Path, help="a folder written by compress export")
+    predict.add_argument("texts", nargs="+", metavar="TEXT")
 
 
 def _progress(message: str) -> None:
@@ -170,6 +187,46 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _variant_folder(results_path: Path, variant: str) -> Path:
+    """The cache folder of `variant` in a results.json; ValueError naming the file, variant or folder."""
+    from compression.schema import read_json
+
+    rows = read_json(results_path).get("variants")
+    if not isinstance(rows, list):
+        raise ValueError(f"{results_path}: key 'variants' missing (not a results.json from compress run)")
+    names = [r.get("name") for r in rows if isinstance(r, dict)]
+    if variant not in names:
+        raise ValueError(f"{results_path}: no variant {variant!r} (has: {', '.join(map(str, names))})")
+    folder = rows[names.index(variant)].get("folder")
+    if not isinstance(folder, str):
+        raise ValueError(f"{results_path}: variant {variant!r} has no 'folder' (a run from before export; "
+                         "use --folder)")
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder}: the folder of {variant!r} is no longer in the cache (compress run rebuilds it)")
+    return Path(folder)
+
+
+def cmd_export(args) -> int:
+    from compression.export import export_variant
+
+    if (args.folder is None) == (args.results is None):
+        raise ValueError("give RESULTS VARIANT or --folder CACHE_FOLDER (one of the two)")
+    if args.results is not None and args.variant is None:
+        raise ValueError(f"{args.results}: which variant? (compress export RESULTS VARIANT --out DIR)")
+    folder = args.folder if args.folder is not None else _variant_folder(args.results, args.variant)
+    out = export_variant(folder, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from compression.export import predict_texts
+
+    for text, (label, probability) in zip(args.texts, predict_texts(args.folder, args.texts)):
+        print(f"{label}\t{probability:.4f}\t{text}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -183,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()  # e.g. the base model's "classifier newly initialised" report
         transformers.logging.disable_progress_bar()  # weight-loading bars; the training progress bar stays
     commands = {"run": cmd_run, "check": cmd_check, "baselines": cmd_baselines, "schema": cmd_schema}
+    commands |= {"export": cmd_export, "predict": cmd_predict}
     # SIGTERM (`timeout`, a cancelled CI job) unwinds like Ctrl-C: temporary folders are removed, the worker stopped.
     previous = worker.handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
