@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from compression.schema import read_json
+
 MAX_LENGTH = 128  # tokens per text, as every variant was trained and measured (TrainConfig.max_length)
 ONNX_FILE = "model.onnx"  # = compression.artifacts.ONNX_FILE, not imported from there: that module loads torch
 QUANT_FILE = "quantization.json"
@@ -42,7 +44,7 @@ def variant_kind(folder: Path) -> str:
         if not (folder / WEIGHTS_FILE).is_file():
             raise ValueError(f"{folder}: not a saved variant (no {WEIGHTS_FILE} or {QUANT_FILE})")
         return "fp32"
-    backend = _read_json(folder / QUANT_FILE).get("backend")
+    backend = read_json(folder / QUANT_FILE).get("backend")
     if backend not in ("int8", "bnb8"):
         raise ValueError(f"{folder / QUANT_FILE}: unknown backend {backend!r}")
     return backend
@@ -109,7 +111,7 @@ def _build(folder: Path, work: Path, kind: str) -> None:
     """Fill `work` with the deployable files of an fp32 or int8 variant."""
     from transformers import AutoTokenizer  # export needs it; predicting from the result does not
 
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json(folder / CONFIG_FILE)
     shutil.copy2(folder / CONFIG_FILE, work / CONFIG_FILE)
     if kind == "int8":
         shutil.copy2(folder / ONNX_FILE, work / ONNX_FILE)
@@ -165,7 +167,7 @@ def predict_texts(folder: str | os.PathLike, texts: Sequence[str]) -> list[tuple
     folder = Path(folder)
     if not (folder / LABELS_FILE).is_file():
         raise ValueError(f"{folder}: not an exported folder (no {LABELS_FILE}; make one with compress export)")
-    labels = _read_json(folder / LABELS_FILE)
+    labels = read_json(folder / LABELS_FILE)
     results = []
     for logits in text_logits(folder, texts):
         shifted = np.exp(logits.astype(np.float64) - logits.max())
@@ -201,16 +203,3 @@ def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:
         (logits,) = session.run(["logits"], {n: np.array([given[n]], dtype=np.int64) for n in names})
         out.append(logits[0])
     return out
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`; ValueError naming it otherwise (compression.models.read_json imports torch)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
-    return data

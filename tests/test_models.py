@@ -1,4 +1,4 @@
-"""compression.models: counting parameters, the mean-pooled heads of each family, loading a base, read_json."""
+"""compression.models: counting parameters, the mean-pooled heads of each family, loading a base."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from compression.models import (
     MeanPoolMPNetForSequenceClassification,
     count_parameters,
     load_base,
-    read_json,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,38 +111,3 @@ def test_mpnet_mean_pooling_reads_the_masked_mean(tiny_mpnet_dir, tiny_mpnet_tok
         mask = batch["attention_mask"].unsqueeze(-1).float()
         expected = model.classifier((hidden * mask).sum(1) / mask.sum(1))
         assert torch.allclose(model(**batch).logits, expected, atol=1e-6)
-
-
-# --- read_json ---------------------------------------------------------------------------------------------
-
-
-def test_read_json_ok(tmp_path):
-    path = tmp_path / "x.json"
-    path.write_text('{"a": [1, 2], "b": {"c": null}}')
-    assert read_json(path) == {"a": [1, 2], "b": {"c": None}}
-    assert read_json(str(path)) == {"a": [1, 2], "b": {"c": None}}
-
-
-def test_read_json_missing(tmp_path):
-    path = tmp_path / "missing.json"
-    with pytest.raises(ValueError) as err:
-        read_json(path)
-    assert str(err.value) == f"{path}: no such file"
-
-
-@pytest.mark.parametrize("content", [b"{not json", b"", b'{"a": 1,}', b"\xff\xfe{}"])
-def test_read_json_invalid(tmp_path, content):
-    path = tmp_path / "bad.json"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match="not valid JSON") as err:
-        read_json(path)
-    assert str(err.value).startswith(f"{path}: ")
-
-
-@pytest.mark.parametrize("content", ["[1, 2]", "3", '"text"', "null"])
-def test_read_json_top_level_not_object(tmp_path, content):
-    path = tmp_path / "list.json"
-    path.write_text(content)
-    with pytest.raises(ValueError, match="expected a JSON object") as err:
-        read_json(path)
-    assert str(path) in str(err.value)
