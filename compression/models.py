@@ -203,3 +203,67 @@ def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[st
     if not found:
         raise ValueError(f"{type(model).__name__} has no linear layers to quantize")
     return found
+
+
+# --- where each encoder family keeps its layers and attention ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where one encoder family keeps its layers and each layer's attention (dotted module paths).
+
+    `layers` is relative to the base model (`model.<base_model_prefix>`); the others to one layer. `attention` is
+    the module holding the Q/K/V projections and the head-count attribute `heads`; `output` is the projection
+    that reads the heads' concatenated context [B, T, heads * head_size].
+    """
+
+    layers: str
+    attention: str
+    query: str
+    key: str
+    value: str
+    output: str
+    heads: str = "num_attention_heads"
+    # MPNet: the encoder computes one relative-position bias [B, heads, T, T] for all layers, so a layer with
+    # heads removed must take only its kept heads' slice of it.
+    shared_position_bias: bool = False
+
+
+_BERT_LAYOUT = EncoderLayout("encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense")
+ENCODER_LAYOUTS = {
+    "bert": _BERT_LAYOUT,
+    "roberta": _BERT_LAYOUT,  # RoBERTa's layers are BERT's (only embeddings and head differ)
+    "mpnet": EncoderLayout("encoder.layer", "attention.attn", "q", "k", "v", "attention.attn.o",
+                           shared_position_bias=True),
+    "distilbert": EncoderLayout("transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin",
+                                heads="n_heads"),
+}
+
+
+def layout_for(model_type: str | None, purpose: str, what: str | None = None) -> EncoderLayout:
+    """The layout of a family by its config's `model_type`; ValueError naming the supported families.
+
+    `purpose` says what needs it ("head pruning"); `what` names the model when it has no model_type. A caller
+    can check a base's config with this before any training (cutting a student and pruning need a layout).
+    """
+    if model_type not in ENCODER_LAYOUTS:
+        what = repr(model_type) if model_type else what
+        raise ValueError(f"{purpose} supports {', '.join(ENCODER_LAYOUTS)} models, this one is {what}")
+    return ENCODER_LAYOUTS[model_type]
+
+
+def encoder_layout(model: nn.Module, purpose: str) -> EncoderLayout:
+    """The layout of `model`'s family; ValueError naming the supported families (`purpose` says what needs it)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return layout_for(model_type, purpose, type(model).__name__)
+
+
+def encoder_layers(model: nn.Module, purpose: str) -> tuple[nn.Module, str, EncoderLayout]:
+    """(module holding the layer list, the list's attribute name, layout) of a supported classifier."""
+    layout = encoder_layout(model, purpose)
+    parent_path, _, name = layout.layers.rpartition(".")
+    base = getattr(model, model.base_model_prefix)
+    parent = base.get_submodule(parent_path) if parent_path else base
+    if not isinstance(getattr(parent, name, None), nn.ModuleList):
+        raise ValueError(f"{purpose}: {type(model).__name__} has no layer list at {layout.layers}")
+    return parent, name, layout

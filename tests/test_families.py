@@ -12,15 +12,13 @@ from hypothesis import strategies as st
 from transformers import AlbertConfig, AutoModelForSequenceClassification
 
 from compression.artifacts import load_classifier, load_model, save_classifier, save_quantized
-from compression.distill import DistillConfig, layer_map, make_student
+from compression.distill import layer_map, make_student
 from compression.models import count_parameters, layout_for, mean_pool_class
-from compression.profiles import Profile
-from compression.prune import PruneConfig, head_gates, head_importance, kept_heads, prune_heads_
+from compression.prune import head_gates, head_importance, kept_heads, prune_heads_
 from compression.quantize import quantize
 from compression.quant_bnb8 import Bnb8Config
 from compression.quant_onnx import Int8Config
-from compression.train import TrainConfig
-from conftest import make_sentences, write_tsv
+from conftest import NAMES, make_sentences, tiny_profile, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -296,19 +294,6 @@ def test_cli_refuses_an_unsupported_family_in_one_line(capsys, monkeypatch, tmp_
 # --- the whole job, per family ---------------------------------------------------------------------------------
 
 
-def tiny_profile(**changes) -> Profile:
-    """tests/test_pipeline.py's: 64 rows per stage, a 2-layer student, 4 heads removed."""
-    train = TrainConfig(learning_rate=1e-3, epochs=1.0, batch_size=16, max_rows=64, bf16=False)
-    settings = dict(
-        teacher_base=None, teacher=train, distill=DistillConfig(num_layers=2), student=train,
-        prune=PruneConfig(remove=4, importance_batches=2, batch_size=16), recovery=train,
-        latency_examples=4, warmup=1,
-    )
-    return Profile("tiny", **(settings | changes))
-
-
-NAMES = ["teacher", "teacher_int8", "teacher_bnb8", "student", "student_int8", "student_bnb8",
-         "pruned_student", "pruned_student_int8", "pruned_student_bnb8"]
 
 
 def test_build_variants_for_each_family(request, family, tmp_path):

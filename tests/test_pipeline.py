@@ -7,30 +7,15 @@ import dataclasses
 
 import pytest
 
-from compression.distill import DistillConfig
 from compression.data import tokenize
 from compression.measure import predict
 from compression.pipeline import build_variants
 from compression.profiles import PROFILES, Profile, get_profile
 from compression.rows import measure_variants
-from compression.prune import PruneConfig
-from compression.train import TrainConfig
-from conftest import make_sentences, write_tsv
+from conftest import NAMES, make_sentences, tiny_profile, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-NAMES = ["teacher", "teacher_int8", "teacher_bnb8", "student", "student_int8", "student_bnb8",
-         "pruned_student", "pruned_student_int8", "pruned_student_bnb8"]
-
-
-def tiny_profile(**changes) -> Profile:
-    train = TrainConfig(learning_rate=1e-3, epochs=1.0, batch_size=16, max_rows=64, bf16=False)
-    settings = dict(
-        teacher_base=None, teacher=train, distill=DistillConfig(num_layers=2), student=train,
-        prune=PruneConfig(remove=4, importance_batches=2, batch_size=16), recovery=train,
-        latency_examples=4, warmup=1,
-    )
-    return Profile("tiny", **(settings | changes))
 
 
 # --- Profile --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compression.int8 import quantize_rows, snr_db
-from compression.artifacts import load_model, save_classifier, save_quantized, size_mb
+from compression.artifacts import load_model, save_quantized
 from compression.models import linear_layers
 from compression.prune import prune_heads_
 from compression.quant_onnx import OnnxClassifier
