@@ -117,6 +117,16 @@ def accuracy(predictions: np.ndarray, references) -> float:
     return 100.0 * result["accuracy"]
 
 
+def check_label_order(model: torch.nn.Module, validation: datasets.Dataset, tokenizer, name: str) -> float:
+    """Accuracy of a given classifier on a tokenized split; ValueError naming it below 50% (labels in another
+    order than SST-2's 0 negative, 1 positive)."""
+    score = accuracy(predict(model, validation, tokenizer), validation["labels"])
+    if score < 50.0:
+        raise ValueError(f"{name}: {score:.2f}% on SST-2 validation, below chance: its labels are not in SST-2's "
+                         "order (0 negative, 1 positive)")
+    return score
+
+
 def flips(predictions: np.ndarray, reference_predictions: np.ndarray) -> int:
     """How many examples are predicted differently from a reference model (the paired signal)."""
     return int((np.asarray(predictions) != np.asarray(reference_predictions)).sum())

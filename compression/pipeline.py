@@ -26,6 +26,7 @@ from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
+from compression.measure import check_label_order
 from compression.models import count_parameters, layout_for, load_base, load_finetuned
 from compression.profiles import Profile, get_profile
 from compression.prune import head_importance, keep_mask_from_scores, prune_heads_
@@ -103,18 +104,6 @@ def _timed_cached(root, stage, key, build, load, stages):
     return out
 
 
-def check_label_order(model, tokenizer, sst2: SST2, name: str, max_length: int) -> float:
-    """Validation accuracy of a given classifier; ValueError below 50% (its labels are not in SST-2's order)."""
-    from compression.measure import accuracy, predict
-
-    validation = tokenize(sst2.splits["validation"], tokenizer, max_length)
-    score = accuracy(predict(model, validation, tokenizer), validation["labels"])
-    if score < 50.0:
-        raise ValueError(f"{name}: {score:.2f}% on SST-2 validation, below chance: its labels are not in SST-2's "
-                         "order (0 negative, 1 positive)")
-    return score
-
-
 def _rows(n: int, config) -> list[int]:
     index = training_indices(n, config)
     return list(range(n)) if index is None else index
@@ -175,7 +164,8 @@ def build_variants(
     def build_teacher(folder: Path):
         if teacher_model is not None:
             progress(f"checking the given teacher {teacher_name} on validation")
-            check_label_order(base_model, tokenizer, sst2, teacher_name, profile.teacher.max_length)
+            validation = tokenize(sst2.splits["validation"], tokenizer, profile.teacher.max_length)
+            check_label_order(base_model, validation, tokenizer, teacher_name)
         else:
             rows = training_indices(len(train_t), profile.teacher)
             progress(f"fine-tuning the teacher ({teacher_name}, {len(rows or train_t):,} rows)")
