@@ -311,3 +311,29 @@ def test_build_variants_for_each_family(request, family, tmp_path):
     params = {name: v.parameters for name, v in by_name.items()}
     assert params["student"] - params["pruned_student"] == 4 * heads_parameters(config)  # tiny_profile removes 4
     assert kept_heads(by_name["pruned_student"].model) == kept_heads(by_name["pruned_student_bnb8"].model)
+
+
+@pytest.mark.slow
+def test_compress_run_smoke_for_each_family(request, family, tmp_path, capsys):
+    """`compress run --profile smoke --base DIR` end to end (CLI, build process, cache, measurement, results.json)
+    for a tiny random folder of each family, made 4 layers deep so that the smoke profile's 3-layer cut fits."""
+    import copy
+
+    from compression import cli
+    from compression.schema import read_results
+
+    config, tokenizer, _ = family_parts(request, family)
+    config = copy.deepcopy(config)
+    setattr(config, "n_layers" if family == "distilbert" else "num_hidden_layers", 4)
+    base = tmp_path / family
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
+    write_tsv(tmp_path / "sst2" / "dev.tsv", make_sentences(32, seed=2))
+    out = tmp_path / "out"
+    code = cli.main(["run", "--profile", "smoke", "--base", str(base), "--data", str(tmp_path / "sst2"),
+                     "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    results = read_results(out / "results.json")
+    assert [v.name for v in results.variants] == NAMES
+    assert results.variants[3].parameters < results.variants[0].parameters  # the cut student is smaller
