@@ -33,7 +33,7 @@ class Suite:
     rows: dict  # name -> quality row (no timings): parameters, size, accuracy, flips, backend
     predictions: dict  # name -> predictions [N]
     device: str
-    environment: dict  # compression.pipeline.environment(device)
+    environment: dict  # compression.rows.environment(device)
 
     def variant(self, name: str):
         return next(v for v in self.run.variants if v.name == name)

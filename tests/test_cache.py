@@ -240,8 +240,8 @@ def test_entries_of_the_older_layout_are_rebuilt_with_one_warning(tmp_path, capl
 def test_real_model_truncated_or_overwritten_is_rebuilt(tmp_path, caplog, tiny_model, tiny_tokenizer, tiny_batch):
     import torch
 
-    from compression.models import save_classifier
-    from compression.quantize import load_model
+    from compression.artifacts import save_classifier
+    from compression.artifacts import load_model
 
     builds = []
 

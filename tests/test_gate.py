@@ -400,7 +400,8 @@ def test_benchmark_suite_builds_valid_results_the_gate_reads(baselines):
         profile=SimpleNamespace(name="smoke", pooling="mean"), sst2=SimpleNamespace(source="/data/sst2"),
         stages={name: 1.5 for name in quality}, variants=[SimpleNamespace(name=n, seconds=1.5) for n in quality],
     )
-    suite = Suite(run, None, [object()] * 300, quality, {}, "cpu", {**ENVIRONMENT, "device": "cpu", "gpu": None})
+    inputs = {name: (None, [object()] * 300) for name in quality}  # (tokenized split, timed examples) per variant
+    suite = Suite(run, inputs, quality, {}, "cpu", {**ENVIRONMENT, "device": "cpu", "gpu": None})
     row_ = suite.row("student_int8", 2.5, latency_ratio=0.25, flips=53)
     assert isinstance(row_, VariantRow)
     assert (row_.latency_ms.median, row_.latency_ms.samples, row_.flips, row_.build_seconds) == (2.5, 300, 53, 1.5)

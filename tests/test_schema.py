@@ -41,7 +41,8 @@ def results_doc() -> dict:
     teacher = row("teacher", flips=0)
     del teacher["latency_ratio"]
     return {
-        "schema_version": 1, "profile": "smoke", "base": "tiny", "data": "sst2", "pooling": "mean",
+        "schema_version": 1, "profile": "smoke", "base": "tiny", "teacher": None, "student_base": None, "data": "sst2",
+        "pooling": "mean",
         "environment": dict(ENVIRONMENT), "stages_seconds": {"teacher": 10.0, "student": 0.0},
         "total_seconds": 30.5, "variants": [teacher, row("student"), row("student_int8", backend="onnxruntime int8")],
     }
