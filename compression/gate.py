@@ -16,7 +16,6 @@ otherwise switch a gate off silently). This module imports neither torch nor the
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from compression.schema import BUDGET_KEYS, SCHEMA_VERSION, Baselines, Budgets, GpuBudgets, Results, VariantRow
@@ -140,19 +139,22 @@ def failure_message(f: Finding, results_hint: str = "RESULTS") -> str:
 # --- accepting a run as the new baseline -----------------------------------------------------------------
 
 # Slack added to what a run measured. Accuracy and flips are deterministic on one machine (seeded training,
-# fixed threads), so a few sentences of slack covers other CPUs; latency ratios wander a few percent between
-# reruns, and an injected 25% slowdown must still fail.
+# fixed threads), so a few sentences of slack covers other CPUs. Latency ratios (blocked pairing) wandered 2-5%
+# between quiet reruns on one machine; 10% of slack leaves room for that while an injected 20% slowdown still
+# fails, and the benchmarks re-time a breach before failing it (benchmarks/gate_noise.py counts both).
 ACCURACY_SLACK = 0.6  # points (about 5 of 872 sentences)
 FLIP_SLACK = 4
 SIZE_SLACK = 1.02
-LATENCY_SLACK = 1.15
+LATENCY_SLACK = 1.10
 
 
 def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
     """Budgets for every variant, from one or more runs of the same profile, with the slack above.
 
-    Accuracy and flips take the worst run (they are deterministic on one machine, so normally all agree);
-    latency ratios take the median run, since on a shared machine single runs wander by 10% or more.
+    Every figure takes the worst run. Accuracy and flips are deterministic on one machine, so normally all
+    agree; latency ratios are not: the same machine has been seen in two states a run apart, with the int8
+    teacher at 0.20 and 0.28 of the fp32 one, so runs from several machines or moments each widen the budget to
+    what they saw (and no more: the slack stays 10%).
     Every figure stays inside the schema's ranges (an accuracy floor of 0.3 - 0.6 is 0, not negative).
     """
     tables = [r.rows() for r in runs]
@@ -171,7 +173,7 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
             "max_size_mb": max(0.01, round(max(r.size_mb for r in rows) * SIZE_SLACK, 2)),
         }
         if name != "teacher":
-            ratio = statistics.median(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
+            ratio = max(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
             b["max_latency_ratio"] = max(0.001, round(ratio * LATENCY_SLACK, 3))
         out[name] = Budgets(**b)
     return out

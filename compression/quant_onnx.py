@@ -65,6 +65,10 @@ class OnnxClassifier(nn.Module):
         self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
+    def with_threads(self, threads: int) -> OnnxClassifier:
+        """The same model in a new session with `threads` intra-op threads (ORT fixes them per session)."""
+        return OnnxClassifier(self.onnx_bytes, self.config, threads)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, **_) -> SequenceClassifierOutput:
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feed = {}

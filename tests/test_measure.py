@@ -24,6 +24,7 @@ from compression.measure import (
     latency,
     model_device,
     model_inputs,
+    paired_latency,
     predict,
     predict_single,
     single_examples,
@@ -291,6 +292,86 @@ def test_latency_p90_within_measured_range_for_few_samples(monkeypatch, validati
 def test_latency_tiny_model(tiny_model, validation, tiny_tokenizer):
     lat = latency(tiny_model, single_examples(validation, tiny_tokenizer, limit=4), warmup=1, repeats=2)
     assert lat.samples == 8 and 0 < lat.median <= lat.p90
+
+
+class _Clock:
+    """A perf_counter that only the fake models below advance."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Costly(FakeClassifier):
+    """A FakeClassifier whose calls take `cost(call number)` milliseconds of the fake clock; records its name."""
+
+    def __init__(self, clock, log, name, cost):
+        super().__init__()
+        self.clock, self.log, self.name, self.cost = clock, log, name, cost
+
+    def forward(self, **batch):
+        self.clock.now += self.cost(len(self.calls)) / 1000.0
+        self.log.append(self.name)
+        return super().forward(**batch)
+
+
+def test_paired_latency_alternates_blocks_each_led_by_untimed_calls(monkeypatch, validation, tiny_tokenizer):
+    clock, log = _Clock(), []
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=clock))
+    model, ref = _Costly(clock, log, "m", lambda i: 1.0), _Costly(clock, log, "r", lambda i: 4.0)
+    examples = single_examples(validation, tiny_tokenizer, limit=10)
+    p = paired_latency(model, ref, examples, warmup=2, warmup_seconds=0, block=4, lead=1)
+    # warm-up (2 untimed + a pass over 2 sentences, each side), then blocks of 4, 4 and 2 sentences, each side
+    # led by one untimed call
+    assert "".join(log) == "rrrrmmmm" + "r" * 5 + "m" * 5 + "r" * 5 + "m" * 5 + "r" * 3 + "m" * 3
+    assert p.model.samples == p.reference.samples == 10
+    assert p.ratio == pytest.approx(0.25) and p.block_ratios == pytest.approx((0.25, 0.25, 0.25))
+    assert p.model.median == pytest.approx(1.0) and p.reference.median == pytest.approx(4.0)
+
+
+def test_paired_latency_ratio_is_the_median_block_ratio(monkeypatch, validation, tiny_tokenizer):
+    # one block of the model disturbed (say, by another process): the judged ratio stays the undisturbed one
+    clock, log = _Clock(), []
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=clock))
+    model = _Costly(clock, log, "m", lambda i: 9.0 if 7 <= i < 12 else 2.0)  # calls 7-11: its second block
+    ref = _Costly(clock, log, "r", lambda i: 4.0)
+    examples = single_examples(validation, tiny_tokenizer, limit=12)
+    p = paired_latency(model, ref, examples, warmup=1, warmup_seconds=0, block=4, lead=1)
+    assert p.block_ratios == pytest.approx((0.5, 2.25, 0.5))
+    assert p.ratio == pytest.approx(0.5)
+
+
+def test_paired_latency_on_given_threads_reopens_onnx_models_and_restores_torch(monkeypatch, validation,
+                                                                                 tiny_tokenizer):
+    seen = {}
+
+    class Reopenable(FakeClassifier):
+        def with_threads(self, threads):
+            seen["reopened"] = threads
+            return self
+
+    class Recording(FakeClassifier):
+        def forward(self, **batch):
+            seen.setdefault("torch threads", set()).add(torch.get_num_threads())
+            return super().forward(**batch)
+
+    before = torch.get_num_threads()
+    examples = single_examples(validation, tiny_tokenizer, limit=4)
+    p = paired_latency(Reopenable(), Recording(), examples, warmup=1, warmup_seconds=0, threads=1)
+    assert seen == {"reopened": 1, "torch threads": {1}}
+    assert torch.get_num_threads() == before and p.model.samples == 4
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        paired_latency(FakeClassifier(), FakeClassifier(), examples, threads=0)
+
+
+def test_paired_latency_rejects_bad_arguments(validation, tiny_tokenizer):
+    examples = single_examples(validation, tiny_tokenizer, limit=3)
+    with pytest.raises(ValueError, match="3 examples but 2 reference"):
+        paired_latency(FakeClassifier(), FakeClassifier(), examples, reference_examples=examples[:2])
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        paired_latency(FakeClassifier(), FakeClassifier(), examples, block=0)
 
 
 def test_latency_needs_examples():
