@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from compression.measure import GATE_THREADS
     from compression.schema import read_baselines
 
     baselines = read_baselines(args.baselines)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     profile = baselines.profiles[suite.run.profile.name]
     print(f"{suite.run.profile.name} profile, {args.reruns} reruns, {args.slowdown:.0%} slowdown, "
-          f"up to {ATTEMPTS} timings per judgement, {torch.get_num_threads()} threads")
+          f"up to {ATTEMPTS} timings per judgement, ratios timed on {GATE_THREADS} thread(s)")
     print("| variant | budget | unchanged ratio (min-median-max) | false alarms | slowed ratio (min-median-max) | caught |")
     print("|:--|--:|:--|--:|:--|--:|")
     for name in names:
