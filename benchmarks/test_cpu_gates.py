@@ -16,9 +16,9 @@ from compression import gate
 
 VARIANTS = [f"{m}{q}" for m in ("teacher", "student", "pruned_student") for q in ("", "_int8", "_bnb8")]
 LATENCY_METRICS = {"latency_ratio"}
-# The slowdown CI injects: the cheapest forward (hardest to time) and a bnb8 row (the noisiest on a CPU);
-# `python -m benchmarks.gate_noise` injects it into every variant, over many reruns.
-SLOWED = ["student_int8", "pruned_student_bnb8"]
+# The slowdown CI injects: the cheapest forward (hardest to time) and the fp32 student; bnb8 rows have a looser
+# CPU gate (gate.BNB8_LATENCY_SLACK). `python -m benchmarks.gate_noise` injects it into every variant, many times.
+SLOWED = ["student_int8", "student"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -146,6 +146,9 @@ ACCURACY_SLACK = 0.6  # points (about 5 of 872 sentences)
 FLIP_SLACK = 4
 SIZE_SLACK = 1.02
 LATENCY_SLACK = 1.10
+# bnb8 on a CPU is the noisiest row (a dequantising fallback, not what bnb8 is for): its ratio wandered 0.63-0.76
+# in unchanged timings on one machine, so its gate is looser and catches a ~35% slowdown, not a 20% one.
+BNB8_LATENCY_SLACK = 1.25
 
 
 def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
@@ -174,7 +177,8 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
         }
         if name != "teacher":
             ratio = max(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
-            b["max_latency_ratio"] = max(0.001, round(ratio * LATENCY_SLACK, 3))
+            slack = BNB8_LATENCY_SLACK if name.endswith("_bnb8") else LATENCY_SLACK
+            b["max_latency_ratio"] = max(0.001, round(ratio * slack, 3))
         out[name] = Budgets(**b)
     return out
 

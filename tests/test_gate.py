@@ -411,3 +411,12 @@ def test_benchmark_suite_builds_valid_results_the_gate_reads(baselines):
     assert [(f.metric, f.value) for f in bad] == [("latency_ratio", 0.25)]  # budget 0.22
     with pytest.raises(ValueError, match="val_accuracy"):
         suite.row("student", 1.0, val_accuracy=float("nan"))
+
+
+def test_bnb8_rows_get_the_looser_latency_slack():
+    from compression.gate import BNB8_LATENCY_SLACK
+
+    run = results([*make_results().variants, row("student_bnb8", 88.0, 41, 30.0, 4.0, 11_000_000)])
+    budgets = budgets_from([run])
+    assert budgets["student_bnb8"].max_latency_ratio == round(0.4 * BNB8_LATENCY_SLACK, 3)
+    assert budgets["student_int8"].max_latency_ratio == round(0.2 * LATENCY_SLACK, 3)
