@@ -619,7 +619,10 @@ def test_run_signal_stops_the_worker_and_leaves_no_temporary_folder(tmp_path, si
     root = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(root)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            # a test run started as a background job inherits SIGINT ignored (as `&` does), and a
+                            # Python started so keeps ignoring it: give the child what a terminal gives it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not ((tmp_path / "child.pid").exists() and (tmp_path / "child.pid").read_text()):
