@@ -161,7 +161,6 @@ def latency(
     if not examples:
         raise ValueError("latency needs at least one example")
     device = model_device(model)
-    cuda = device.type == "cuda"
     examples = [to_device(e, device) for e in examples]
     # At least `warmup` calls and at least WARMUP_SECONDS: lets other thread pools' spinning (the previous
     # model's, on a 2-core machine) die down, and lazy initialisation finish, before anything is timed.
@@ -169,17 +168,7 @@ def latency(
     while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
         model(**examples[calls % len(examples)])
         calls += 1
-    times = []
-    for _ in range(repeats):
-        for e in examples:
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**e)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1000.0)
-    return _summary(times)
+    return _summary([t for _ in range(repeats) for t in _timed_calls(model, examples, lead=0)])
 
 
 @torch.inference_mode()
