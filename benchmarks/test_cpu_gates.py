@@ -14,8 +14,9 @@ import pytest
 from benchmarks.conftest import assert_findings, timed_rounds
 from compression import gate
 from compression.measure import paired_latency
+from compression.schema import VARIANTS as KNOWN
 
-VARIANTS = [f"{m}{q}" for m in ("teacher", "student", "pruned_student") for q in ("", "_int8", "_bnb8")]
+VARIANTS = list(KNOWN)  # every variant a run makes (schema.VARIANTS is the one list)
 LATENCY_METRICS = {"latency_ratio"}
 
 
