@@ -13,8 +13,9 @@ import pytest
 
 from benchmarks.conftest import SLOWDOWN, assert_findings, delayed, gated_latency, timed_rounds
 from compression import gate
+from compression.schema import VARIANTS as KNOWN
 
-VARIANTS = [f"{m}{q}" for m in ("teacher", "student", "pruned_student") for q in ("", "_int8", "_bnb8")]
+VARIANTS = list(KNOWN)  # every variant a run makes (schema.VARIANTS is the one list)
 LATENCY_METRICS = {"latency_ratio"}
 # The slowdown CI injects: the cheapest forward (hardest to time) and the fp32 student; bnb8 rows have a looser
 # CPU gate (gate.BNB8_LATENCY_SLACK). `python -m benchmarks.gate_noise` injects it into every variant, many times.

@@ -1,7 +1,7 @@
-"""Saving and loading every kind of artifact: fp32 classifiers (head-pruned or not), int8 (ONNX), bnb8.
+"""Saving and loading every kind of artifact: fp32 classifiers (pruned or not), int8 (ONNX), bnb8.
 
 One folder per artifact, always with config.json and the tokenizer files:
-- fp32: `model.safetensors` (`save_pretrained`); a head-pruned model's config lists its kept heads;
+- fp32: `model.safetensors` (`save_pretrained`); a pruned model's config lists its kept heads and FFN neurons;
 - int8: `model.onnx` and `quantization.json`;
 - bnb8: `model.safetensors` of int8 codes + absmax and `quantization.json`.
 Weights are read with safetensors only; nothing is unpickled.
@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from compression.models import classifier_class
 from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
+from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
 from compression.quant_bnb8 import Bnb8Config, bnb8_from_state, bnb8_state
 from compression.quant_onnx import Int8Config, OnnxClassifier
 
@@ -43,25 +44,34 @@ def save_classifier(model: PreTrainedModel, tokenizer, folder: str | os.PathLike
     tokenizer.save_pretrained(folder)
 
 
+def _pruned(config: PretrainedConfig) -> bool:
+    """Whether a saved config records removed heads or FFN neurons (then its tensors are not the config's shapes)."""
+    return any(getattr(config, key, None) is not None for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY))
+
+
 def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
-    """An untrained model shaped like a saved one: its class, head-pruned as its config records."""
+    """An untrained model shaped like a saved one: its class, its heads and FFN neurons pruned as its config
+    records."""
     config = copy.deepcopy(config)
-    kept = getattr(config, KEPT_HEADS_KEY, None)
-    if kept is not None:
-        delattr(config, KEPT_HEADS_KEY)  # prune_heads_ records it again
+    heads, neurons = (getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY))
+    for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY):
+        if hasattr(config, key):
+            delattr(config, key)  # prune_heads_ and prune_ffn_ record them again
     cls = classifier_class(config)
     model = cls.from_config(config) if cls is AutoModelForSequenceClassification else cls(config)
-    if kept is not None:
-        prune_heads_(model, keep_mask_from_kept(kept, config.num_attention_heads))
+    if heads is not None:
+        prune_heads_(model, keep_mask_from_kept(heads, config.num_attention_heads))
+    if neurons is not None:
+        prune_ffn_(model, neuron_mask_from_kept(neurons, intermediate_size(model)))
     return model
 
 
 def load_classifier(folder: str | os.PathLike) -> tuple[PreTrainedModel, "AutoTokenizer"]:
-    """Load what `save_classifier` wrote, head-pruned and mean-pooled models included (safetensors only)."""
+    """Load what `save_classifier` wrote, pruned and mean-pooled models included (safetensors only)."""
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if getattr(config, KEPT_HEADS_KEY, None) is None:
+    if not _pruned(config):
         model = classifier_class(config).from_pretrained(folder, local_files_only=True, use_safetensors=True)
         return model.eval(), tokenizer
     # A pruned model's tensors do not fit the config's shapes: build full size, cut, then load.

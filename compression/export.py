@@ -3,7 +3,7 @@
 An exported folder holds `model.onnx` (logits from input_ids, attention_mask[, token_type_ids]), `tokenizer.json`
 (truncation to `max_length` tokens set inside it), `config.json` and `labels.json` ({"0": "negative", ...}).
 An fp32 variant also keeps its `save_pretrained` files (config + safetensors + tokenizer); its `model.onnx` is
-there because a mean-pooled or head-pruned model cannot be rebuilt by plain transformers. A bnb8 variant is
+there because a mean-pooled or pruned model cannot be rebuilt by plain transformers. A bnb8 variant is
 refused: LLM.int8 runs only under bitsandbytes and this package.
 
 This module imports neither torch nor transformers at import time, and `predict_texts` never does, so a

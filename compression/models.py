@@ -182,8 +182,9 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     kwargs = dict(local_files_only=local, use_safetensors=True if local else None)
     if local and not list(Path(name).glob("*.safetensors")):
         raise ValueError(f"{name}: no safetensors weights (other formats are not loaded: they can run code)")
-    if getattr(config, "kept_heads", None) is not None:
-        raise ValueError(f"{name}: a head-pruned model; give the unpruned teacher")
+    # (the keys of compression.prune and compression.prune_ffn, which import this module)
+    if getattr(config, "kept_heads", None) is not None or getattr(config, "kept_neurons", None) is not None:
+        raise ValueError(f"{name}: a pruned model; give the unpruned teacher")
     model = classifier_class(config).from_pretrained(name, **kwargs)
     return model.eval(), tokenizer
 
@@ -210,11 +211,13 @@ def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[st
 
 @dataclass(frozen=True)
 class EncoderLayout:
-    """Where one encoder family keeps its layers and each layer's attention (dotted module paths).
+    """Where one encoder family keeps its layers, each layer's attention and feed-forward block (dotted paths).
 
     `layers` is relative to the base model (`model.<base_model_prefix>`); the others to one layer. `attention` is
     the module holding the Q/K/V projections and the head-count attribute `heads`; `output` is the projection
-    that reads the heads' concatenated context [B, T, heads * head_size].
+    that reads the heads' concatenated context [B, T, heads * head_size]. `ffn_up` is the feed-forward block's
+    first projection (hidden -> intermediate: each output is one neuron, activated before `ffn_down` reads it),
+    `ffn_down` its second (intermediate -> hidden); `ffn_size` is the config attribute of the intermediate width.
     """
 
     layers: str
@@ -223,20 +226,24 @@ class EncoderLayout:
     key: str
     value: str
     output: str
+    ffn_up: str
+    ffn_down: str
     heads: str = "num_attention_heads"
+    ffn_size: str = "intermediate_size"
     # MPNet: the encoder computes one relative-position bias [B, heads, T, T] for all layers, so a layer with
     # heads removed must take only its kept heads' slice of it.
     shared_position_bias: bool = False
 
 
-_BERT_LAYOUT = EncoderLayout("encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense")
+_BERT_LAYOUT = EncoderLayout("encoder.layer", "attention.self", "query", "key", "value", "attention.output.dense",
+                             "intermediate.dense", "output.dense")
 ENCODER_LAYOUTS = {
     "bert": _BERT_LAYOUT,
     "roberta": _BERT_LAYOUT,  # RoBERTa's layers are BERT's (only embeddings and head differ)
     "mpnet": EncoderLayout("encoder.layer", "attention.attn", "q", "k", "v", "attention.attn.o",
-                           shared_position_bias=True),
+                           "intermediate.dense", "output.dense", shared_position_bias=True),
     "distilbert": EncoderLayout("transformer.layer", "attention", "q_lin", "k_lin", "v_lin", "attention.out_lin",
-                                heads="n_heads"),
+                                "ffn.lin1", "ffn.lin2", heads="n_heads", ffn_size="hidden_dim"),
 }
 
 

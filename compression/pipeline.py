@@ -1,9 +1,10 @@
 """The `compress run` job: build (or load from the cache) every variant, then measure them.
 
-teacher -> student -> pruned student, each fp32, int8 and bnb8 (`compression.profiles` says how). Every trained or
-quantized artifact goes through the cache (`compression.cache`), keyed by everything it depends on, so a second
-run loads what the first one made and a changed setting rebuilds only what it affects. The teacher's logits over
-the training rows are an artifact too: every student and recovery reads them as its soft targets.
+teacher -> student -> pruned student (heads removed) -> slim student (FFN neurons removed too), each fp32, int8
+and bnb8 (`compression.profiles` says how). Every trained or quantized artifact goes through the cache
+(`compression.cache`), keyed by everything it depends on, so a second run loads what the first one made and a
+changed setting rebuilds only what it affects. The teacher's logits over the training rows are an artifact too:
+every student and recovery reads them as its soft targets.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from compression.measure import check_label_order
 from compression.models import count_parameters, layout_for, load_base, load_finetuned
 from compression.profiles import Profile, get_profile
 from compression.prune import head_importance, keep_mask_from_scores, prune_heads_
+from compression.prune_ffn import ffn_importance, ffn_keep_mask, prune_ffn_
 from compression.quantize import quantize
 from compression.train import finetune, resolve_precision, training_indices
 
@@ -122,7 +124,7 @@ def build_variants(
     progress: Callable[[str], None] = no_progress,
     teacher_model: str | None = None,
 ) -> Run:
-    """Train (or load from the cache) the three fp32 models, then make their int8 and bnb8 variants.
+    """Train (or load from the cache) the four fp32 models, then make their int8 and bnb8 variants.
 
     `base` replaces the profile's teacher base; `teacher_model` (a fine-tuned two-label classifier: folder or hub
     id) is used as the teacher as it is, with no fine-tuning.
@@ -224,31 +226,56 @@ def build_variants(
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)
 
-    # pruned student
-    pruned_key = cache.cache_key(
-        {"from": student_key, "stage": "pruned", "targets": STUDENT_TARGETS, "prune": profile.prune,
-         "recovery": profile.recovery}
-    )
+    # the pruning stages: each scores a copy of its parent on labelled training batches, cuts it, then recovers it
+    # by a short distillation from the teacher's cached logits
+    def scoring_batches(config):
+        """`config.importance_batches` labelled batches of the first seeded training rows (config: a pruning
+        config with `batch_size` and `importance_batches`)."""
+        scoring_config = replace(profile.teacher, max_rows=config.batch_size * config.importance_batches)
+        scoring = batches(train_s.select(_rows(len(train_s), scoring_config)), s_tokenizer, config.batch_size,
+                          with_labels=True)
+        return ({k: v for k, v in b.items() if k != "index"} for b in scoring)
 
-    def build_pruned(folder: Path):
+    def pruning_stage(name: str, parent: torch.nn.Module, parent_key: str, identity: dict,
+                      cut: Callable[[torch.nn.Module], None]) -> tuple[str, torch.nn.Module]:
+        """(cache key, model) of a stage that cuts a copy of `parent` in place (`cut`) and recovers it. The key is
+        the parent's, `identity` (the stage name and its config) and the recovery's."""
+        key = cache.cache_key(
+            {"from": parent_key, **identity, "targets": STUDENT_TARGETS, "recovery": profile.recovery}
+        )
+
+        def build(folder: Path):
+            model = copy.deepcopy(parent)
+            cut(model)
+            progress(f"recovering the {name.replace('_', ' ')} by distillation")
+            distill(None, model, s_tokenizer, soft_rows(train_s, recovery_rows), profile.distill, profile.recovery)
+            save_classifier(model, s_tokenizer, folder)
+
+        return key, _timed_cached(root, name, key, build, load_fp32, stages)
+
+    def cut_heads(model):
         progress("scoring and removing attention heads")
-        scoring_config = replace(profile.teacher, max_rows=profile.prune.batch_size * profile.prune.importance_batches)
-        scoring = batches(train_s.select(_rows(len(train_s), scoring_config)), s_tokenizer,
-                          profile.prune.batch_size, with_labels=True)
-        pruned = copy.deepcopy(student)
-        scores = head_importance(pruned, ({k: v for k, v in b.items() if k != "index"} for b in scoring))
-        prune_heads_(pruned, keep_mask_from_scores(scores, profile.prune.remove))
-        log.info("kept heads per layer: %s", pruned.config.kept_heads)
-        progress("recovering the pruned student by distillation")
-        distill(None, pruned, s_tokenizer, soft_rows(train_s, recovery_rows), profile.distill, profile.recovery)
-        save_classifier(pruned, s_tokenizer, folder)
+        scores = head_importance(model, scoring_batches(profile.prune))
+        prune_heads_(model, keep_mask_from_scores(scores, profile.prune.remove))
+        log.info("kept heads per layer: %s", model.config.kept_heads)
 
-    pruned = _timed_cached(root, "pruned_student", pruned_key, build_pruned, load_fp32, stages)
+    def cut_neurons(model):
+        progress("scoring and removing feed-forward neurons")
+        scores = ffn_importance(model, scoring_batches(profile.ffn))
+        prune_ffn_(model, ffn_keep_mask(scores, profile.ffn.remove, profile.ffn.min_keep))
+        log.info("kept FFN neurons per layer: %s", [len(k) for k in model.config.kept_neurons])
+
+    # pruned student: attention heads removed; slim student: the pruned student with FFN neurons removed too
+    pruned_key, pruned = pruning_stage("pruned_student", student, student_key,
+                                       {"stage": "pruned", "prune": profile.prune}, cut_heads)
+    slim_key, slim = pruning_stage("slim_student", pruned, pruned_key, {"stage": "slim", "ffn": profile.ffn},
+                                   cut_neurons)
 
     variants = []
     for name, model, key, tok in (("teacher", teacher, teacher_key, tokenizer),
                                   ("student", student, student_key, s_tokenizer),
-                                  ("pruned_student", pruned, pruned_key, s_tokenizer)):
+                                  ("pruned_student", pruned, pruned_key, s_tokenizer),
+                                  ("slim_student", slim, slim_key, s_tokenizer)):
         params = count_parameters(model)
         variants.append(Variant(name, model, root / f"{name}-{key}", params, stages[name], tok))
         for suffix, config in (("int8", profile.int8), ("bnb8", profile.bnb8)):

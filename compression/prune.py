@@ -101,26 +101,36 @@ def kept_heads(model: nn.Module) -> list[list[int]]:
     return [list(range(site.heads)) for site in attention_sites(model)]
 
 
-def keep_mask_from_kept(kept: list[list[int]], num_heads: int) -> torch.Tensor:
-    """bool [layers, num_heads] with True at the listed heads."""
+def keep_mask_from_kept(kept: list[list[int]], num_heads: int, unit: str = "head") -> torch.Tensor:
+    """bool [layers, num_heads] with True at the listed heads (or other units: FFN neurons)."""
     mask = torch.zeros(len(kept), num_heads, dtype=torch.bool)
     for layer, heads in enumerate(kept):
         for h in heads:
             if not 0 <= h < num_heads:
-                raise ValueError(f"head index {h} in layer {layer} is out of range 0..{num_heads - 1}")
+                raise ValueError(f"{unit} index {h} in layer {layer} is out of range 0..{num_heads - 1}")
             mask[layer, h] = True
     return mask
 
 
-def check_mask(keep: torch.Tensor, num_layers: int, num_heads: int) -> None:
-    """Raise ValueError unless `keep` is a bool [num_layers, num_heads] mask leaving every layer a head."""
+def check_mask(keep: torch.Tensor, num_layers: int, num_heads: int, unit: str = "head") -> None:
+    """Raise ValueError unless `keep` is a bool [num_layers, num_heads] mask leaving every layer a head (`unit`)."""
     if keep.dtype != torch.bool:
         raise ValueError(f"keep mask must be bool, got {keep.dtype}")
     if tuple(keep.shape) != (num_layers, num_heads):
         raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({num_layers}, {num_heads})")
     empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"keep mask removes every head of layer {empty[0]}; a layer must keep at least one")
+        raise ValueError(f"keep mask removes every {unit} of layer {empty[0]}; a layer must keep at least one")
+
+
+def check_kept_subset(keep_row: torch.Tensor, have: list[int], layer: int, unit: str = "head") -> list[int]:
+    """Original indices that `keep_row` (bool [original units]) keeps; ValueError if one was already removed."""
+    want = keep_row.nonzero().flatten().tolist()
+    present = set(have)
+    gone = [u for u in want if u not in present]
+    if gone:
+        raise ValueError(f"keep mask keeps {unit} {gone[0]} of layer {layer}, which was already removed")
+    return want
 
 
 # --- surgery -----------------------------------------------------------------------------------------------
@@ -130,7 +140,7 @@ def _rows(positions: list[int], head_size: int) -> torch.Tensor:
     return torch.cat([torch.arange(p * head_size, (p + 1) * head_size) for p in positions])
 
 
-def _cut(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+def cut_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear keeping `index` along `dim` of the weight (0: outputs, 1: inputs)."""
     weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
     bias = linear.bias.detach().clone() if linear.bias is not None else None
@@ -176,17 +186,14 @@ def prune_heads_(model: nn.Module, keep: torch.Tensor) -> nn.Module:
     check_mask(keep, len(sites), num_heads)
     current = kept_heads(model)
     for layer_index, (site, have) in enumerate(zip(sites, current)):
-        want = keep[layer_index].nonzero().flatten().tolist()
-        gone = [h for h in want if h not in have]
-        if gone:
-            raise ValueError(f"keep mask keeps head {gone[0]} of layer {layer_index}, which was already removed")
+        want = check_kept_subset(keep[layer_index], have, layer_index)
         if want == have:
             continue
         head_size = site.head_size
         index = _rows([have.index(h) for h in want], head_size)
         for role in ("query", "key", "value"):
-            site.replace(role, _cut(site.projection(role), index, 0))
-        site.replace("output", _cut(site.projection("output"), index, 1))
+            site.replace(role, cut_linear(site.projection(role), index, 0))
+        site.replace("output", cut_linear(site.projection("output"), index, 1))
         setattr(site.attention, site.layout.heads, len(want))
         if hasattr(site.attention, "all_head_size"):  # BERT, RoBERTa, MPNet reshape by it; DistilBERT by -1
             site.attention.all_head_size = len(want) * head_size
@@ -238,29 +245,40 @@ def head_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     """
     if getattr(model.config, KEPT_HEADS_KEY, None) is not None:
         raise ValueError("head_importance needs an unpruned model (this one already has heads removed)")
-    layers = attention_sites(model)
+    attention_sites(model)  # an unsupported family is refused before any batch is read
+    return gate_importance(model, batches, head_gates, model.config.num_attention_heads, "head_importance")
+
+
+def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], gates, units: int,
+                    caller: str) -> torch.Tensor:
+    """Sum over examples of |dL/dξ| for a gate ξ on each of `units` per layer, L2-normalised per layer: [L, units].
+
+    `gates(model, gate_fn)` installs the gates (`head_gates`, `prune_ffn.ffn_gates`); each is 1, one per example
+    and unit, so the forward is the model's own and dL/dξ is the first-order change of the loss when that unit is
+    removed for that example. `batches` yield model inputs with `labels`; L is the model's own loss.
+    """
     device = next(model.parameters()).device
-    scores = torch.zeros(len(layers), model.config.num_attention_heads, dtype=torch.float64)
+    scores: torch.Tensor | None = None
     was_training = model.training
     model.eval()  # no dropout: the score is of the deterministic function
-    count = 0
 
-    def make_gate(layer_index, b, heads):
-        return torch.ones(b, heads, device=device, requires_grad=True)
+    def make_gate(layer_index, b, width):
+        return torch.ones(b, width, device=device, requires_grad=True)
 
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            with head_gates(model, make_gate) as gates:
+            with gates(model, make_gate) as used:
                 loss = model(**batch).loss
-                grads = torch.autograd.grad(loss, gates)
+                grads = torch.autograd.grad(loss, used)  # one [B, units] per layer, in layer order
+            if scores is None:
+                scores = torch.zeros(len(grads), units, dtype=torch.float64)
             for layer_index, g in enumerate(grads):
                 scores[layer_index] += g.abs().sum(0).double().cpu()
-            count += 1
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("head_importance got no batches")
+    if scores is None:
+        raise ValueError(f"{caller} got no batches")
     return normalize_per_layer(scores).float()
 
 
@@ -275,12 +293,21 @@ def normalize_per_layer(scores: torch.Tensor) -> torch.Tensor:
 
 def heads_to_remove(remove: float, num_layers: int, num_heads: int) -> int:
     """The count that `remove` (a fraction or a count) asks for; ValueError if it would empty a layer."""
-    total = num_layers * num_heads
+    return count_to_remove(remove, num_layers, num_heads)
+
+
+def count_to_remove(remove: float, num_layers: int, per_layer: int, min_keep: int = 1, unit: str = "heads") -> int:
+    """How many of `num_layers * per_layer` units `remove` asks for: a fraction of them (0 < x < 1), or a count.
+
+    ValueError if that would leave a layer fewer than `min_keep`.
+    """
+    total = num_layers * per_layer
     n = round(remove * total) if 0 < remove < 1 else int(remove)
-    if n < 0 or n > num_layers * (num_heads - 1):
+    most = num_layers * max(per_layer - min_keep, 0)
+    if n < 0 or n > most:
+        keeps = "one" if min_keep == 1 else f"{min_keep}"
         raise ValueError(
-            f"cannot remove {n} of {total} heads: each of the {num_layers} layers must keep one "
-            f"(at most {num_layers * (num_heads - 1)})"
+            f"cannot remove {n} of {total} {unit}: each of the {num_layers} layers must keep {keeps} (at most {most})"
         )
     return n
 

@@ -41,9 +41,26 @@ def table(variants: list[dict]) -> str:
     return "\n".join(lines)
 
 
+KEPT_FIELDS = (("heads", "heads_per_layer"), ("FFN neurons", "neurons_per_layer"))  # (what, results row key)
+
+
+def kept_lines(variants: list[dict]) -> list[str]:
+    """One line per pruned structure, naming the first variant with it: what it kept per encoder layer. (In table
+    order that is the fp32 model; its 8-bit variants keep the same structure and are not repeated.)"""
+    lines: dict[str, str] = {}
+    for v in variants:
+        kept = "; ".join(f"{what} {', '.join(map(str, v[field]))} ({sum(v[field]):,} in all)"
+                         for what, field in KEPT_FIELDS if v.get(field))
+        if kept and kept not in lines:
+            lines[kept] = f"- {v['name']}: {kept}"
+    return list(lines.values())
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
+    kept = kept_lines(results["variants"])
+    pruned = "\nKept per encoder layer by pruning (8-bit variants as their fp32 model):\n\n" + "\n".join(kept) + "\n"
     return (
         f"# Results ({results['profile']} profile)\n\n"
         f"Teacher: {results.get('teacher') or results['base']}. Student: {results.get('student_base') or '-'}. "
@@ -51,6 +68,7 @@ def markdown(results: dict) -> str:
         f"validation sentences; the model alone, and tokenize + forward), accuracy at batch 1 as deployed, sizes "
         f"are MiB of the saved weights.\n\n"
         f"{table(results['variants'])}\n"
+        f"{pruned if kept else ''}"
     )
 
 

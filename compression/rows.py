@@ -25,6 +25,8 @@ from compression.measure import (
     throughput,
 )
 from compression.pipeline import Run, Variant, no_progress
+from compression.prune import KEPT_HEADS_KEY
+from compression.prune_ffn import KEPT_NEURONS_KEY
 from compression.quantize import backend_name
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def kept_per_layer(config) -> dict[str, list[int]]:
+    """What pruning kept of a model (or of the fp32 model an 8-bit one was made from), from its config: heads and
+    FFN neurons per encoder layer, each only where some were removed."""
+    out = {}
+    for field, key in (("heads_per_layer", KEPT_HEADS_KEY), ("neurons_per_layer", KEPT_NEURONS_KEY)):
+        kept = getattr(config, key, None)
+        if kept is not None:
+            out[field] = [len(layer) for layer in kept]
+    return out
+
+
 def quality(
     v: Variant, validation, teacher_predictions: np.ndarray | None, sentences: list[str] | None = None,
     max_length: int = 128,
@@ -86,6 +99,7 @@ def quality(
         "flips": flips(preds, preds if teacher_predictions is None else teacher_predictions),
         "backend": backend_name(v.model),
         "folder": str(v.folder),
+        **kept_per_layer(getattr(v.model, "config", None)),
     }
     batched_accuracy = round(accuracy(batched, validation["labels"]), 2)
     if batched_accuracy != row["val_accuracy"]:

@@ -34,7 +34,9 @@ SCHEMA_VERSION = 1
 
 # Every variant a run may report: each fp32 model alone and quantized. Extend here (and nowhere else) to add one.
 VARIANTS: tuple[str, ...] = tuple(
-    f"{model}{suffix}" for model in ("teacher", "student", "pruned_student") for suffix in ("", "_int8", "_bnb8")
+    f"{model}{suffix}"
+    for model in ("teacher", "student", "pruned_student", "slim_student")
+    for suffix in ("", "_int8", "_bnb8")
 )
 POOLINGS = ("cls", "mean")
 BUDGET_KEYS = ("min_accuracy", "max_accuracy_drop", "max_flips", "max_size_mb", "max_latency_ratio")
@@ -53,6 +55,7 @@ Percent = Annotated[float, Field(ge=0, le=100)]
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Count = Annotated[int, Field(ge=0)]
+PerLayer = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]  # a count per encoder layer, >= 1
 Text = Annotated[str, Field(min_length=1)]
 
 
@@ -95,6 +98,9 @@ class VariantRow(_Strict):
     val_accuracy_batched: Percent | None = None  # length-sorted batches of 64, when it differs from batch 1
     e2e_latency_ms: Latency | None = None  # tokenize + forward at batch 1
     folder: Text | None = None  # where the variant is saved
+    # What the pruning stages kept, per encoder layer (a pruned model's 8-bit variants keep its structure):
+    heads_per_layer: PerLayer | None = None  # attention heads, where heads were removed
+    neurons_per_layer: PerLayer | None = None  # feed-forward (intermediate) neurons, where neurons were removed
 
 
 class Environment(_Strict):

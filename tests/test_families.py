@@ -15,6 +15,7 @@ from compression.artifacts import load_classifier, load_model, save_classifier, 
 from compression.distill import layer_map, make_student
 from compression.models import count_parameters, layout_for, mean_pool_class
 from compression.prune import head_gates, head_importance, kept_heads, prune_heads_
+from compression.prune_ffn import kept_neurons
 from compression.quantize import quantize
 from compression.quant_bnb8 import Bnb8Config
 from compression.quant_onnx import Int8Config
@@ -181,20 +182,26 @@ def test_mpnet_pruned_twice_reads_the_bias_of_the_heads_it_still_has(tiny_mpnet_
 # --- 8-bit ---------------------------------------------------------------------------------------------------
 
 
+def check_quantized_round_trip(model, tokenizer, batch, backend: str, folder):
+    """`model` quantized by `backend` ("int8", "bnb8") gives logits close to fp32's (so a pruned MPNet's bias
+    slicing survived ONNX export), and the same after save/load; returns the loaded model."""
+    fp32 = logits(model, batch)
+    q = quantize(copy.deepcopy(model), Int8Config() if backend == "int8" else Bnb8Config())
+    out = logits(q, batch)
+    assert (out - fp32).abs().max() < 0.05 * fp32.abs().max() + 1e-3
+    save_quantized(q, tokenizer, folder)
+    loaded, _ = load_model(folder)
+    assert torch.allclose(logits(loaded, batch), out, atol=1e-6)
+    assert torch.equal(logits(loaded, batch).argmax(-1), out.argmax(-1))
+    return loaded
+
+
 @pytest.mark.parametrize("backend", ["int8", "bnb8"])
 def test_quantized_pruned_model_round_trips(request, family, backend, tmp_path):
     config, tokenizer, batch = family_parts(request, family)
     model = prune_heads_(classifier(config, "mean"), some_keep_mask(config.num_hidden_layers,
                                                                      config.num_attention_heads))
-    fp32 = logits(model, batch)
-    q = quantize(copy.deepcopy(model), Int8Config() if backend == "int8" else Bnb8Config())
-    out = logits(q, batch)
-    # close to fp32 (so the pruned MPNet's bias slicing survived ONNX export), and equal after save/load
-    assert (out - fp32).abs().max() < 0.05 * fp32.abs().max() + 1e-3
-    save_quantized(q, tokenizer, tmp_path)
-    loaded, _ = load_model(tmp_path)
-    assert torch.allclose(logits(loaded, batch), out, atol=1e-6)
-    assert torch.equal(logits(loaded, batch).argmax(-1), out.argmax(-1))
+    check_quantized_round_trip(model, tokenizer, batch, backend, tmp_path)
 
 
 # --- cutting a student ---------------------------------------------------------------------------------------
@@ -311,6 +318,9 @@ def test_build_variants_for_each_family(request, family, tmp_path):
     params = {name: v.parameters for name, v in by_name.items()}
     assert params["student"] - params["pruned_student"] == 4 * heads_parameters(config)  # tiny_profile removes 4
     assert kept_heads(by_name["pruned_student"].model) == kept_heads(by_name["pruned_student_bnb8"].model)
+    # then half of the student's 2 x 37 FFN neurons: an up-projection row and bias, a down-projection column each
+    assert params["pruned_student"] - params["slim_student"] == 37 * (2 * config.hidden_size + 1)
+    assert kept_neurons(by_name["slim_student"].model) == kept_neurons(by_name["slim_student_bnb8"].model)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The whole job on tiny random models and a small synthetic SST-2 folder: nine variants, cache reuse, and a
+"""The whole job on tiny random models and a small synthetic SST-2 folder: twelve variants, cache reuse, and a
 student of another family and vocabulary than its teacher (distilled from the cached teacher logits)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from compression.artifacts import size_mb
 from compression.data import tokenize
 from compression.measure import predict
 from compression.pipeline import build_variants
@@ -48,16 +49,23 @@ def job(tmp_path_factory, tiny_base_dir):
     return args, build_variants(*args)
 
 
-def test_build_variants_makes_nine_models(job):
+def test_build_variants_makes_twelve_models(job):
     _, first = job
     assert [v.name for v in first.variants] == NAMES
     params = {v.name: v.parameters for v in first.variants}
     # 4 layers -> 2; each removed head takes 3 x (32 x 8 + 8) of Q/K/V and 8 x 32 of output.dense columns.
     assert params["student"] < params["teacher"]
     assert params["student"] - params["pruned_student"] == 4 * (3 * (32 * 8 + 8) + 8 * 32)
-    for fp32 in ("teacher", "student", "pruned_student"):
+    # half of the 2 x 37 FFN neurons; each takes an up-projection row and bias (32 + 1), a down-projection column (32)
+    assert params["pruned_student"] - params["slim_student"] == 37 * (2 * 32 + 1)
+    for fp32 in ("teacher", "student", "pruned_student", "slim_student"):
         assert params[f"{fp32}_int8"] == params[f"{fp32}_bnb8"] == params[fp32]
     assert type(first.variants[0].model).__name__ == "MeanPoolBertForSequenceClassification"
+    by_name = {v.name: v.model for v in first.variants}
+    slim, pruned = by_name["slim_student"].config, by_name["pruned_student"].config
+    assert slim.kept_heads == pruned.kept_heads  # the slim student is cut from the pruned one
+    assert sum(map(len, slim.kept_neurons)) == 37 and all(slim.kept_neurons)
+    assert by_name["slim_student_bnb8"].config.kept_neurons == slim.kept_neurons
 
 
 def test_second_build_loads_the_same_models_from_the_cache(job):
@@ -81,8 +89,17 @@ def test_measure_variants_rows(job):
         assert r["size_mb"] > 0 and r["latency_ms"]["samples"] == 4
         assert r["latency_ms"]["median"] <= r["latency_ms"]["p90"]
         assert ("latency_ratio" in r) == (r["name"] != "teacher")
+        # what pruning kept, per layer: heads from the pruned student on, FFN neurons on the slim student's rows
+        assert ("heads_per_layer" in r) == r["name"].startswith(("pruned_student", "slim_student"))
+        assert ("neurons_per_layer" in r) == r["name"].startswith("slim_student")
+    by_name = {r["name"]: r for r in rows}
+    assert sum(by_name["pruned_student"]["heads_per_layer"]) == 2 * 4 - 4
+    assert by_name["slim_student_int8"]["heads_per_layer"] == by_name["pruned_student"]["heads_per_layer"]
+    assert sum(by_name["slim_student_int8"]["neurons_per_layer"]) == 37
     sizes = {r["name"]: r["size_mb"] for r in rows}  # (int8 files are not smaller here: ONNX graph overhead)
     assert sizes["pruned_student"] < sizes["student"] < sizes["teacher"]
+    # (the slim student's 37 x 65 fewer parameters are 0.01 MB: under the rounding of the rows' figures)
+    assert size_mb(by_name["slim_student"]["folder"]) < size_mb(by_name["pruned_student"]["folder"])
 
 
 def test_pooling_is_part_of_every_cache_key(job):
@@ -91,6 +108,16 @@ def test_pooling_is_part_of_every_cache_key(job):
     cls = build_variants(dataclasses.replace(profile, pooling="cls"), *rest)
     assert type(cls.variants[0].model).__name__ == "BertForSequenceClassification"
     assert not {v.folder for v in cls.variants} & {v.folder for v in mean.variants}
+
+
+def test_slim_student_has_its_own_cache_key(job):
+    """A changed FFN setting rebuilds the slim student and its 8-bit variants, and nothing else."""
+    args, first = job
+    profile, *rest = args
+    changed = build_variants(dataclasses.replace(profile, ffn=dataclasses.replace(profile.ffn, remove=0.3)), *rest)
+    moved = {a.name for a, b in zip(first.variants, changed.variants) if a.folder != b.folder}
+    assert moved == {"slim_student", "slim_student_int8", "slim_student_bnb8"}
+    assert sum(map(len, changed.variants[NAMES.index("slim_student")].model.config.kept_neurons)) == 74 - 22
 
 
 def test_teacher_logits_are_computed_once_for_student_and_recovery(job):

@@ -76,6 +76,26 @@ def test_markdown_names_profile_base_data_and_machine(results):
     assert "Measured on Tesla T4;" in markdown(results)
 
 
+def test_markdown_says_what_each_pruned_model_kept_once(results):
+    assert "Kept per encoder layer" not in markdown(results)  # nothing pruned, nothing said
+    pruned = {"heads_per_layer": [9, 12, 10]}
+    slim = {**pruned, "neurons_per_layer": [700, 1536, 2]}
+    results["variants"] += [
+        {**variant("pruned_student", 1_000_000, 40.0, 88.0, 5.0, 6.0), **pruned},
+        {**variant("pruned_student_int8", 1_000_000, 10.0, 88.0, 2.0, 3.0), **pruned},
+        {**variant("slim_student", 800_000, 30.0, 87.5, 4.0, 5.0), **slim},
+        {**variant("slim_student_bnb8", 800_000, 20.0, 87.5, 9.0, 9.5), **slim},
+    ]
+    text = markdown(results)
+    assert [_cells(line)[-2] for line in table(results["variants"]).splitlines()[-4:]] == [
+        "pruned_student", "pruned_student_int8", "slim_student", "slim_student_bnb8"]
+    assert text.endswith(
+        "Kept per encoder layer by pruning (8-bit variants as their fp32 model):\n\n"
+        "- pruned_student: heads 9, 12, 10 (31 in all)\n"
+        "- slim_student: heads 9, 12, 10 (31 in all); FFN neurons 700, 1536, 2 (2,238 in all)\n"
+    )
+
+
 def test_write_results(results, tmp_path):
     out = tmp_path / "out" / "nested"
     written = write_results(results, out)

@@ -109,6 +109,18 @@ def test_new_optional_row_fields():
         schema.parse(VariantRow, row(e2e_latency_ms={"median": 0, "p90": 1, "samples": 3}), "row")
 
 
+def test_rows_may_record_what_pruning_kept_per_layer():
+    assert VariantRow.model_validate(row()).heads_per_layer is None  # a row from before pruning was recorded
+    kept = VariantRow.model_validate(row("slim_student", heads_per_layer=[9, 12, 10],
+                                         neurons_per_layer=[700, 1536, 2]))
+    assert kept.heads_per_layer == [9, 12, 10] and kept.neurons_per_layer == [700, 1536, 2]
+    for value, message in (([], "at least 1 item"), ([3, 0], "greater than or equal to 1"), ([1.5], "integer"),
+                           (["3"], "integer"), (4, "list")):
+        with pytest.raises(ValueError, match=message) as err:
+            schema.parse(VariantRow, row(neurons_per_layer=value), "row")
+        assert "key 'neurons_per_layer" in str(err.value)
+
+
 def test_environment_keeps_extra_keys():
     doc = results_doc()
     doc["environment"]["cuda"] = "12.4"
@@ -123,8 +135,8 @@ def test_committed_baselines_are_valid_and_written_back_byte_for_byte():
 
 
 def test_variants_are_every_model_alone_and_quantized():
-    assert len(VARIANTS) == len(set(VARIANTS)) == 9
-    for model in ("teacher", "student", "pruned_student"):
+    assert len(VARIANTS) == len(set(VARIANTS)) == 12
+    for model in ("teacher", "student", "pruned_student", "slim_student"):
         assert {model, f"{model}_int8", f"{model}_bnb8"} <= set(VARIANTS)
 
 
@@ -377,6 +389,8 @@ def rows(draw) -> dict:
         "val_accuracy_batched": draw(st.none() | percent),
         "e2e_latency_ms": draw(st.none() | latencies()),
         "folder": draw(st.none() | st.text(min_size=1, max_size=20)),
+        "heads_per_layer": draw(st.none() | st.lists(st.integers(1, 64), min_size=1, max_size=12)),
+        "neurons_per_layer": draw(st.none() | st.lists(st.integers(1, 4096), min_size=1, max_size=12)),
     }
 
 
