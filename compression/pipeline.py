@@ -1,7 +1,7 @@
 """The `compress run` job: build (or load from the cache) every variant, then measure them.
 
-teacher -> student -> pruned student (heads removed) -> slim student (FFN neurons removed too), each fp32, int8
-and bnb8 (`compression.profiles` says how). Every trained or quantized artifact goes through the cache
+teacher -> student -> pruned student (heads removed) -> slim student (FFN neurons removed too, then its vocabulary
+cut to the training sentences' tokens), each fp32, int8 and bnb8 (`compression.profiles` says how). Every trained or quantized artifact goes through the cache
 (`compression.cache`), keyed by everything it depends on, so a second run loads what the first one made and a
 changed setting rebuilds only what it affects. The teacher's logits over the training rows are an artifact too:
 every student and recovery reads them as its soft targets.
@@ -32,6 +32,7 @@ from compression.models import count_parameters, layout_for, load_base, load_fin
 from compression.profiles import Profile, get_profile
 from compression.prune import head_importance, keep_mask_from_scores, prune_heads_
 from compression.prune_ffn import ffn_importance, ffn_keep_mask, prune_ffn_
+from compression.prune_vocab import prune_to_corpus_
 from compression.quantize import quantize
 from compression.train import finetune, resolve_precision, training_indices
 
@@ -265,17 +266,33 @@ def build_variants(
         prune_ffn_(model, ffn_keep_mask(scores, profile.ffn.remove, profile.ffn.min_keep))
         log.info("kept FFN neurons per layer: %s", [len(k) for k in model.config.kept_neurons])
 
-    # pruned student: attention heads removed; slim student: the pruned student with FFN neurons removed too
+    # pruned student: attention heads removed; slim student: the pruned student with FFN neurons removed (stage
+    # "ffn_student"), then its vocabulary cut to the tokens of every training sentence (stage "slim_student": the
+    # logits of every training row are unchanged, so nothing to recover; the key names the data it read)
     pruned_key, pruned = pruning_stage("pruned_student", student, student_key,
                                        {"stage": "pruned", "prune": profile.prune}, cut_heads)
-    slim_key, slim = pruning_stage("slim_student", pruned, pruned_key, {"stage": "slim", "ffn": profile.ffn},
-                                   cut_neurons)
+    ffn_key, ffn_student = pruning_stage("ffn_student", pruned, pruned_key, {"stage": "slim", "ffn": profile.ffn},
+                                         cut_neurons)
+    slim_key = cache.cache_key({"from": ffn_key, "stage": "vocab", "vocab": profile.vocab, "data": sst2.checksum})
+
+    def build_slim(folder: Path):
+        progress(f"cutting the vocabulary to the tokens of the {len(train):,} training sentences")
+        model = copy.deepcopy(ffn_student)
+        pruned_tokenizer = prune_to_corpus_(model, s_tokenizer, train["sentence"], profile.vocab)
+        save_classifier(model, pruned_tokenizer, folder)
+
+    def load_slim(folder: Path):
+        model, slim_tokenizer = load_model(folder, device)
+        return model.eval(), slim_tokenizer
+
+    slim, slim_tokenizer = _timed_cached(root, "slim_student", slim_key, build_slim, load_slim, stages)
+    stages["slim_student"] = round(stages["slim_student"] + stages["ffn_student"], 1)  # the row's making time
 
     variants = []
     for name, model, key, tok in (("teacher", teacher, teacher_key, tokenizer),
                                   ("student", student, student_key, s_tokenizer),
                                   ("pruned_student", pruned, pruned_key, s_tokenizer),
-                                  ("slim_student", slim, slim_key, s_tokenizer)):
+                                  ("slim_student", slim, slim_key, slim_tokenizer)):
         params = count_parameters(model)
         variants.append(Variant(name, model, root / f"{name}-{key}", params, stages[name], tok))
         for suffix, config in (("int8", profile.int8), ("bnb8", profile.bnb8)):

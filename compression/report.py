@@ -49,8 +49,11 @@ def kept_lines(variants: list[dict]) -> list[str]:
     order that is the fp32 model; its 8-bit variants keep the same structure and are not repeated.)"""
     lines: dict[str, str] = {}
     for v in variants:
-        kept = "; ".join(f"{what} {', '.join(map(str, v[field]))} ({sum(v[field]):,} in all)"
-                         for what, field in KEPT_FIELDS if v.get(field))
+        parts = [f"{what} {', '.join(map(str, v[field]))} ({sum(v[field]):,} in all)"
+                 for what, field in KEPT_FIELDS if v.get(field)]
+        if v.get("tokens_kept"):
+            parts.append(f"vocabulary {v['tokens_kept']:,} of {v['tokens_before']:,} tokens")
+        kept = "; ".join(parts)
         if kept and kept not in lines:
             lines[kept] = f"- {v['name']}: {kept}"
     return list(lines.values())
@@ -60,7 +63,7 @@ def markdown(results: dict) -> str:
     env = results["environment"]
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     kept = kept_lines(results["variants"])
-    pruned = "\nKept per encoder layer by pruning (8-bit variants as their fp32 model):\n\n" + "\n".join(kept) + "\n"
+    pruned = "\nKept by pruning, per encoder layer (8-bit variants as their fp32 model):\n\n" + "\n".join(kept) + "\n"
     return (
         f"# Results ({results['profile']} profile)\n\n"
         f"Teacher: {results.get('teacher') or results['base']}. Student: {results.get('student_base') or '-'}. "

@@ -27,6 +27,7 @@ from compression.measure import (
 from compression.pipeline import Run, Variant, no_progress
 from compression.prune import KEPT_HEADS_KEY
 from compression.prune_ffn import KEPT_NEURONS_KEY
+from compression.prune_vocab import KEPT_TOKENS_KEY, ORIGINAL_VOCAB_KEY
 from compression.quantize import backend_name
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def kept_per_layer(config) -> dict[str, list[int]]:
+def kept_per_layer(config) -> dict:
     """What pruning kept of a model (or of the fp32 model an 8-bit one was made from), from its config: heads and
-    FFN neurons per encoder layer, each only where some were removed."""
-    out = {}
+    FFN neurons per encoder layer, and tokens of the vocabulary (with the count before), each only where some
+    were removed."""
+    out: dict = {}
     for field, key in (("heads_per_layer", KEPT_HEADS_KEY), ("neurons_per_layer", KEPT_NEURONS_KEY)):
         kept = getattr(config, key, None)
         if kept is not None:
             out[field] = [len(layer) for layer in kept]
+    if getattr(config, KEPT_TOKENS_KEY, None) is not None:
+        out["tokens_kept"] = getattr(config, KEPT_TOKENS_KEY)
+        out["tokens_before"] = getattr(config, ORIGINAL_VOCAB_KEY)
     return out
 
 

@@ -101,6 +101,16 @@ class VariantRow(_Strict):
     # What the pruning stages kept, per encoder layer (a pruned model's 8-bit variants keep its structure):
     heads_per_layer: PerLayer | None = None  # attention heads, where heads were removed
     neurons_per_layer: PerLayer | None = None  # feed-forward (intermediate) neurons, where neurons were removed
+    tokens_kept: Annotated[int, Field(ge=1)] | None = None  # vocabulary tokens, where the vocabulary was pruned
+    tokens_before: Annotated[int, Field(ge=1)] | None = None  # ... and how many it had before
+
+    @model_validator(mode="after")
+    def _tokens_come_in_pairs(self) -> VariantRow:
+        if (self.tokens_kept is None) != (self.tokens_before is None):
+            raise ValueError("tokens_kept and tokens_before come together")
+        if self.tokens_kept is not None and self.tokens_kept > self.tokens_before:
+            raise ValueError(f"tokens_kept {self.tokens_kept} exceeds tokens_before {self.tokens_before}")
+        return self
 
 
 class Environment(_Strict):

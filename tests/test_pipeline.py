@@ -56,8 +56,10 @@ def test_build_variants_makes_twelve_models(job):
     # 4 layers -> 2; each removed head takes 3 x (32 x 8 + 8) of Q/K/V and 8 x 32 of output.dense columns.
     assert params["student"] < params["teacher"]
     assert params["student"] - params["pruned_student"] == 4 * (3 * (32 * 8 + 8) + 8 * 32)
-    # half of the 2 x 37 FFN neurons; each takes an up-projection row and bias (32 + 1), a down-projection column (32)
-    assert params["pruned_student"] - params["slim_student"] == 37 * (2 * 32 + 1)
+    # half of the 2 x 37 FFN neurons, each an up-projection row and bias (32 + 1) and a down-projection column
+    # (32); then the 6 words the training sentences never use (make_sentences draws from WORDS[:-6]): 6 embedding
+    # rows of 32
+    assert params["pruned_student"] - params["slim_student"] == 37 * (2 * 32 + 1) + 6 * 32
     for fp32 in ("teacher", "student", "pruned_student", "slim_student"):
         assert params[f"{fp32}_int8"] == params[f"{fp32}_bnb8"] == params[fp32]
     assert type(first.variants[0].model).__name__ == "MeanPoolBertForSequenceClassification"
@@ -66,14 +68,25 @@ def test_build_variants_makes_twelve_models(job):
     assert slim.kept_heads == pruned.kept_heads  # the slim student is cut from the pruned one
     assert sum(map(len, slim.kept_neurons)) == 37 and all(slim.kept_neurons)
     assert by_name["slim_student_bnb8"].config.kept_neurons == slim.kept_neurons
+    tokenizers = {v.name: v.tokenizer for v in first.variants}
+    assert len(tokenizers["slim_student"]) == len(tokenizers["pruned_student"]) - 6 == slim.vocab_size
+    assert all(len(tokenizers[f"slim_student{q}"]) == slim.vocab_size for q in ("_int8", "_bnb8"))
+    def tokens(name: str, sentence: str) -> list[str]:
+        return tokenizers[name].convert_ids_to_tokens(tokenizers[name](sentence)["input_ids"])
+
+    kept, unkept = "a charming very funny film", "a charming , funny film"  # "," is one of the 6
+    assert tokens("slim_student", kept) == tokens("pruned_student", kept)  # the same tokens, renumbered
+    assert tokens("slim_student", unkept) == ["[CLS]", "a", "charming", "[UNK]", "funny", "film", "[SEP]"]
 
 
 def test_second_build_loads_the_same_models_from_the_cache(job):
     args, first = job
     second = build_variants(*args)
     cache = args[3]
-    entries = sorted(p.name for p in cache.iterdir() if p.name != ".locks" and not p.name.startswith("teacher_logits-"))
-    assert entries == sorted(v.folder.name for v in second.variants)  # (.locks: the cache's lock files)
+    entries = sorted(p.name for p in cache.iterdir() if p.name != ".locks")  # (.locks: the cache's lock files)
+    intermediate = ("teacher_logits-", "ffn_student-")  # artifacts that are not rows
+    assert [e for e in entries if not e.startswith(intermediate)] == sorted(v.folder.name for v in second.variants)
+    assert sum(e.startswith(intermediate) for e in entries) == 2
     assert [v.folder for v in second.variants] == [v.folder for v in first.variants]
     for a, b in zip(first.variants, second.variants):  # what was built is what the cache gives back
         validation = tokenize(second.sst2.splits["validation"], b.tokenizer)
@@ -92,10 +105,12 @@ def test_measure_variants_rows(job):
         # what pruning kept, per layer: heads from the pruned student on, FFN neurons on the slim student's rows
         assert ("heads_per_layer" in r) == r["name"].startswith(("pruned_student", "slim_student"))
         assert ("neurons_per_layer" in r) == r["name"].startswith("slim_student")
+        assert ("tokens_kept" in r) == ("tokens_before" in r) == r["name"].startswith("slim_student")
     by_name = {r["name"]: r for r in rows}
     assert sum(by_name["pruned_student"]["heads_per_layer"]) == 2 * 4 - 4
     assert by_name["slim_student_int8"]["heads_per_layer"] == by_name["pruned_student"]["heads_per_layer"]
     assert sum(by_name["slim_student_int8"]["neurons_per_layer"]) == 37
+    assert by_name["slim_student_bnb8"]["tokens_before"] - by_name["slim_student_bnb8"]["tokens_kept"] == 6
     sizes = {r["name"]: r["size_mb"] for r in rows}  # (int8 files are not smaller here: ONNX graph overhead)
     assert sizes["pruned_student"] < sizes["student"] < sizes["teacher"]
     # (the slim student's 37 x 65 fewer parameters are 0.01 MB: under the rounding of the rows' figures)

@@ -77,9 +77,9 @@ def test_markdown_names_profile_base_data_and_machine(results):
 
 
 def test_markdown_says_what_each_pruned_model_kept_once(results):
-    assert "Kept per encoder layer" not in markdown(results)  # nothing pruned, nothing said
+    assert "Kept by pruning" not in markdown(results)  # nothing pruned, nothing said
     pruned = {"heads_per_layer": [9, 12, 10]}
-    slim = {**pruned, "neurons_per_layer": [700, 1536, 2]}
+    slim = {**pruned, "neurons_per_layer": [700, 1536, 2], "tokens_kept": 11_576, "tokens_before": 30_522}
     results["variants"] += [
         {**variant("pruned_student", 1_000_000, 40.0, 88.0, 5.0, 6.0), **pruned},
         {**variant("pruned_student_int8", 1_000_000, 10.0, 88.0, 2.0, 3.0), **pruned},
@@ -90,9 +90,10 @@ def test_markdown_says_what_each_pruned_model_kept_once(results):
     assert [_cells(line)[-2] for line in table(results["variants"]).splitlines()[-4:]] == [
         "pruned_student", "pruned_student_int8", "slim_student", "slim_student_bnb8"]
     assert text.endswith(
-        "Kept per encoder layer by pruning (8-bit variants as their fp32 model):\n\n"
+        "Kept by pruning, per encoder layer (8-bit variants as their fp32 model):\n\n"
         "- pruned_student: heads 9, 12, 10 (31 in all)\n"
-        "- slim_student: heads 9, 12, 10 (31 in all); FFN neurons 700, 1536, 2 (2,238 in all)\n"
+        "- slim_student: heads 9, 12, 10 (31 in all); FFN neurons 700, 1536, 2 (2,238 in all); "
+        "vocabulary 11,576 of 30,522 tokens\n"
     )
 
 

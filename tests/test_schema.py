@@ -119,6 +119,13 @@ def test_rows_may_record_what_pruning_kept_per_layer():
         with pytest.raises(ValueError, match=message) as err:
             schema.parse(VariantRow, row(neurons_per_layer=value), "row")
         assert "key 'neurons_per_layer" in str(err.value)
+    vocab = VariantRow.model_validate(row("slim_student", tokens_kept=11_576, tokens_before=30_522))
+    assert (vocab.tokens_kept, vocab.tokens_before) == (11_576, 30_522)
+    for bad, message in (({"tokens_kept": 5}, "come together"), ({"tokens_before": 5}, "come together"),
+                         ({"tokens_kept": 6, "tokens_before": 5}, "exceeds"),
+                         ({"tokens_kept": 0, "tokens_before": 5}, "greater than or equal to 1")):
+        with pytest.raises(ValueError, match=message):
+            schema.parse(VariantRow, row("slim_student", **bad), "row")
 
 
 def test_environment_keeps_extra_keys():
@@ -391,6 +398,10 @@ def rows(draw) -> dict:
         "folder": draw(st.none() | st.text(min_size=1, max_size=20)),
         "heads_per_layer": draw(st.none() | st.lists(st.integers(1, 64), min_size=1, max_size=12)),
         "neurons_per_layer": draw(st.none() | st.lists(st.integers(1, 4096), min_size=1, max_size=12)),
+        **draw(st.just({"tokens_kept": None, "tokens_before": None})
+               | st.integers(1, 300_000).flatmap(
+                   lambda before: st.integers(1, before).map(lambda kept: {"tokens_kept": kept,
+                                                                           "tokens_before": before}))),
     }
 
 
