@@ -113,8 +113,9 @@ NAMES = ["teacher", "teacher_int8", "teacher_bnb8", "student", "student_int8", "
 
 def tiny_profile(**changes):
     """A whole job in seconds on the tiny models: 64 rows per stage, a 2-layer student, 4 heads removed, then half
-    its FFN neurons."""
+    its FFN neurons, its vocabulary cut to the training words and its word embedding factored at rank 8."""
     from compression.distill import DistillConfig
+    from compression.low_rank import LowRankConfig
     from compression.profiles import Profile
     from compression.prune import PruneConfig
     from compression.prune_ffn import FfnPruneConfig
@@ -124,7 +125,8 @@ def tiny_profile(**changes):
     settings = dict(
         teacher_base=None, teacher=train, distill=DistillConfig(num_layers=2), student=train,
         prune=PruneConfig(remove=4, importance_batches=2, batch_size=16),
-        ffn=FfnPruneConfig(remove=0.5, importance_batches=2, batch_size=16), recovery=train,
+        ffn=FfnPruneConfig(remove=0.5, importance_batches=2, batch_size=16), low_rank=LowRankConfig(8),
+        recovery=train, low_rank_recovery=train,
         latency_examples=4, warmup=1,
     )
     return Profile("tiny", **(settings | changes))
@@ -294,3 +296,34 @@ def tiny_distilbert_base_dir(tmp_path_factory, tiny_distilbert_config, tiny_dist
     """A tiny DistilBERT base with its own tokenizer (`tiny_distilbert_dir` is a 1-layer one with BERT's)."""
     return save_base(tmp_path_factory.mktemp("tiny-distilbert-base"), tiny_distilbert_config,
                      tiny_distilbert_tokenizer)
+
+
+# --- a tiny classifier of each family ----------------------------------------------------------------------
+
+FAMILY_FIXTURES = {  # family -> (config fixture, tokenizer fixture)
+    "bert": ("tiny_config", "tiny_tokenizer"),
+    "roberta": ("tiny_roberta_config", "tiny_roberta_tokenizer"),
+    "mpnet": ("tiny_mpnet_config", "tiny_mpnet_tokenizer"),
+    "distilbert": ("tiny_distilbert_config", "tiny_distilbert_tokenizer"),
+}
+
+
+def tiny_classifier(request, family: str, pooling: str = "mean"):
+    """(a seeded classifier of the family's tiny config, its tokenizer). Initialised 10x wider than the default,
+    so that logits differ visibly between sentences and a wrong embedding row cannot pass as rounding."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from compression.models import mean_pool_class
+
+    config_name, tokenizer_name = FAMILY_FIXTURES[family]
+    config = copy.deepcopy(request.getfixturevalue(config_name))
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    if pooling == "cls":
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = mean_pool_class(config.model_type)(config)
+    return model.eval(), request.getfixturevalue(tokenizer_name)

@@ -1,7 +1,8 @@
 """Saving and loading every kind of artifact: fp32 classifiers (pruned or not), int8 (ONNX), bnb8.
 
 One folder per artifact, always with config.json and the tokenizer files:
-- fp32: `model.safetensors` (`save_pretrained`); a pruned model's config lists its kept heads and FFN neurons;
+- fp32: `model.safetensors` (`save_pretrained`); a pruned model's config lists its kept heads and FFN neurons
+  and its embedding rank (a vocabulary-pruned one simply has a smaller vocab_size);
 - int8: `model.onnx` and `quantization.json`;
 - bnb8: `model.safetensors` of int8 codes + absmax and `quantization.json`.
 Weights are read with safetensors only; nothing is unpickled.
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from compression.low_rank import RANK_KEY, LowRankConfig, factorize_embeddings_
 from compression.models import classifier_class
 from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
 from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
@@ -45,24 +47,27 @@ def save_classifier(model: PreTrainedModel, tokenizer, folder: str | os.PathLike
 
 
 def _pruned(config: PretrainedConfig) -> bool:
-    """Whether a saved config records removed heads or FFN neurons (then its tensors are not the config's shapes)."""
-    return any(getattr(config, key, None) is not None for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY))
+    """Whether a saved config records removed heads or FFN neurons or a factored embedding (then its tensors are
+    not the config's shapes)."""
+    return any(getattr(config, key, None) is not None for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY, RANK_KEY))
 
 
 def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
-    """An untrained model shaped like a saved one: its class, its heads and FFN neurons pruned as its config
-    records."""
+    """An untrained model shaped like a saved one: its class, its heads and FFN neurons pruned and its embedding
+    factored as its config records."""
     config = copy.deepcopy(config)
-    heads, neurons = (getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY))
-    for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY):
+    heads, neurons, rank = (getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY, RANK_KEY))
+    for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY, RANK_KEY):
         if hasattr(config, key):
-            delattr(config, key)  # prune_heads_ and prune_ffn_ record them again
+            delattr(config, key)  # prune_heads_, prune_ffn_ and factorize_embeddings_ record them again
     cls = classifier_class(config)
     model = cls.from_config(config) if cls is AutoModelForSequenceClassification else cls(config)
     if heads is not None:
         prune_heads_(model, keep_mask_from_kept(heads, config.num_attention_heads))
     if neurons is not None:
         prune_ffn_(model, neuron_mask_from_kept(neurons, intermediate_size(model)))
+    if rank is not None:
+        factorize_embeddings_(model, LowRankConfig(rank))
     return model
 
 

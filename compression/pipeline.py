@@ -27,6 +27,7 @@ from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
+from compression.low_rank import factorize_embeddings_, saves
 from compression.measure import check_label_order
 from compression.models import count_parameters, layout_for, load_base, load_finetuned
 from compression.profiles import Profile, get_profile
@@ -134,7 +135,8 @@ def build_variants(
         raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
     root = cache_root or cache.default_root()
     profile = replace(profile, teacher=resolve_precision(profile.teacher), student=resolve_precision(profile.student),
-                      recovery=resolve_precision(profile.recovery))
+                      recovery=resolve_precision(profile.recovery),
+                      low_rank_recovery=resolve_precision(profile.low_rank_recovery))
     sst2 = load_sst2(data)
     train = sst2.splits["train"]
     stages: dict[str, float] = {}
@@ -180,7 +182,8 @@ def build_variants(
 
     # the teacher's logits over every row a student or a recovery trains on
     student_rows, recovery_rows = _rows(len(train), profile.student), _rows(len(train), profile.recovery)
-    needed = sorted(set(student_rows) | set(recovery_rows))
+    low_rank_rows = _rows(len(train), profile.low_rank_recovery) if profile.low_rank is not None else []
+    needed = sorted(set(student_rows) | set(recovery_rows) | set(low_rank_rows))
     logits_key = cache.cache_key(
         {"from": teacher_key, "stage": "teacher_logits", "rows": _digest(needed), "bf16": profile.teacher.bf16,
          "batch_size": profile.logits_batch_size}
@@ -203,11 +206,13 @@ def build_variants(
     # student: cut from the teacher (same tokenizer), or its own base (its own tokenizer)
     if profile.student_base is None:
         s_tokenizer, train_s, s_identity = tokenizer, train_t, {"cut": profile.distill.num_layers}
+        s_max_length = profile.teacher.max_length
     else:
         student_name = resolve_base(profile.student_base, root)
         torch.manual_seed(profile.student.seed)
         student_base_model, s_tokenizer = load_base(student_name, pooling=profile.pooling, cache_root=root)
-        train_s = tokenize(train, s_tokenizer, profile.student.max_length)
+        s_max_length = profile.student.max_length
+        train_s = tokenize(train, s_tokenizer, s_max_length)
         s_identity = {"base": base_fingerprint(student_name)}
     student_key = cache.cache_key(
         {"from": teacher_key, "stage": "student", "student": s_identity, "targets": STUDENT_TARGETS,
@@ -267,19 +272,34 @@ def build_variants(
         log.info("kept FFN neurons per layer: %s", [len(k) for k in model.config.kept_neurons])
 
     # pruned student: attention heads removed; slim student: the pruned student with FFN neurons removed (stage
-    # "ffn_student"), then its vocabulary cut to the tokens of every training sentence (stage "slim_student": the
-    # logits of every training row are unchanged, so nothing to recover; the key names the data it read)
+    # "ffn_student"), then its vocabulary cut to the tokens of every training sentence (the logits of every
+    # training row are unchanged) and its word embedding factored at low rank (stage "slim_student": its key
+    # names the data it read)
     pruned_key, pruned = pruning_stage("pruned_student", student, student_key,
                                        {"stage": "pruned", "prune": profile.prune}, cut_heads)
     ffn_key, ffn_student = pruning_stage("ffn_student", pruned, pruned_key, {"stage": "slim", "ffn": profile.ffn},
                                          cut_neurons)
-    slim_key = cache.cache_key({"from": ffn_key, "stage": "vocab", "vocab": profile.vocab, "data": sst2.checksum})
+    slim_key = cache.cache_key(
+        {"from": ffn_key, "stage": "vocab", "vocab": profile.vocab, "data": sst2.checksum,
+         "low_rank": profile.low_rank, "targets": STUDENT_TARGETS, "recovery": profile.low_rank_recovery}
+    )
 
     def build_slim(folder: Path):
         progress(f"cutting the vocabulary to the tokens of the {len(train):,} training sentences")
         model = copy.deepcopy(ffn_student)
-        pruned_tokenizer = prune_to_corpus_(model, s_tokenizer, train["sentence"], profile.vocab)
-        save_classifier(model, pruned_tokenizer, folder)
+        slim_tokenizer = prune_to_corpus_(model, s_tokenizer, train["sentence"], profile.vocab)
+        table = model.get_input_embeddings()
+        if profile.low_rank is not None and not saves(profile.low_rank.rank, *table.weight.shape):
+            log.info("embedding rank %d saves nothing on a %d x %d table: left whole", profile.low_rank.rank,
+                     *table.weight.shape)
+        elif profile.low_rank is not None:
+            progress(f"factoring the word embedding at rank {profile.low_rank.rank}")
+            factorize_embeddings_(model, profile.low_rank)
+            progress("recovering the slim student by distillation")
+            train_v = tokenize(train, slim_tokenizer, s_max_length)  # the same tokens as train_s, renumbered
+            distill(None, model, slim_tokenizer, soft_rows(train_v, low_rank_rows), profile.distill,
+                    profile.low_rank_recovery)
+        save_classifier(model, slim_tokenizer, folder)
 
     def load_slim(folder: Path):
         model, slim_tokenizer = load_model(folder, device)

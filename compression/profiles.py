@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from compression.bases import MINILM, MPNET
 from compression.distill import DistillConfig
+from compression.low_rank import LowRankConfig
 from compression.models import check_pooling
 from compression.prune import PruneConfig
 from compression.prune_ffn import FfnPruneConfig
@@ -44,6 +45,10 @@ class Profile:
     # ... and its vocabulary cut to the tokens the training sentences use (all of train, whatever slice the
     # models trained on): no recovery is needed, as every training row's logits are unchanged.
     vocab: VocabPruneConfig = VocabPruneConfig()
+    # ... and its word embedding factored at this rank (None: not factored), then recovered by distillation: a
+    # longer recovery than the pruning stages', as the factored table starts further from the model's
+    low_rank: LowRankConfig | None = LowRankConfig()
+    low_rank_recovery: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)
     recovery: TrainConfig = TrainConfig(learning_rate=5e-5, epochs=1.0, max_rows=20_000)  # a short distillation
     # (both pruning stages recover with `recovery`)
     int8: Int8Config = Int8Config()
@@ -81,6 +86,7 @@ PROFILES = {
         prune=PruneConfig(importance_batches=16),
         ffn=FfnPruneConfig(importance_batches=16),
         recovery=TrainConfig(max_rows=1_000, learning_rate=5e-5, epochs=1.0),
+        low_rank_recovery=TrainConfig(max_rows=1_000, learning_rate=1e-4, epochs=1.0),
         latency_examples=300,
     ),
 }

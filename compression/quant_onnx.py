@@ -127,11 +127,13 @@ def quantize_embedding_rows(proto, min_rows: int = 16):
         axis = [a for a in node.attribute if a.name == "axis"]
         if axis and axis[0].i != 0:
             raise ValueError(f"Gather on {name} uses axis {axis[0].i}; only row lookups can be quantized per row")
+        # (suffixes ORT's own dynamic quantization does not use: it names its tensors `{input}_scale`, ..., and
+        # a factored embedding's lookup feeds a MatMul that it quantizes)
         nodes += [
-            helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_codes"], axis=0),
-            helper.make_node("Cast", [f"{out}_codes"], [f"{out}_float"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"], axis=0),
-            helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out]),
+            helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_row_codes"], axis=0),
+            helper.make_node("Cast", [f"{out}_row_codes"], [f"{out}_row_float"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_row_scale"], axis=0),
+            helper.make_node("Mul", [f"{out}_row_float", f"{out}_row_scale"], [out]),
         ]
     del graph.node[:]
     graph.node.extend(nodes)

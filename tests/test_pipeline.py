@@ -58,8 +58,9 @@ def test_build_variants_makes_twelve_models(job):
     assert params["student"] - params["pruned_student"] == 4 * (3 * (32 * 8 + 8) + 8 * 32)
     # half of the 2 x 37 FFN neurons, each an up-projection row and bias (32 + 1) and a down-projection column
     # (32); then the 6 words the training sentences never use (make_sentences draws from WORDS[:-6]): 6 embedding
-    # rows of 32
-    assert params["pruned_student"] - params["slim_student"] == 37 * (2 * 32 + 1) + 6 * 32
+    # rows of 32; then the kept V x 32 table factored at rank 8 (V x 8 rows, an 8 x 32 projection)
+    v = first.variants[NAMES.index("slim_student")].model.config.vocab_size
+    assert params["pruned_student"] - params["slim_student"] == 37 * (2 * 32 + 1) + 6 * 32 + (v * 32 - 8 * (v + 32))
     for fp32 in ("teacher", "student", "pruned_student", "slim_student"):
         assert params[f"{fp32}_int8"] == params[f"{fp32}_bnb8"] == params[fp32]
     assert type(first.variants[0].model).__name__ == "MeanPoolBertForSequenceClassification"
@@ -68,6 +69,7 @@ def test_build_variants_makes_twelve_models(job):
     assert slim.kept_heads == pruned.kept_heads  # the slim student is cut from the pruned one
     assert sum(map(len, slim.kept_neurons)) == 37 and all(slim.kept_neurons)
     assert by_name["slim_student_bnb8"].config.kept_neurons == slim.kept_neurons
+    assert slim.embedding_rank == by_name["slim_student_int8"].config.embedding_rank == 8
     tokenizers = {v.name: v.tokenizer for v in first.variants}
     assert len(tokenizers["slim_student"]) == len(tokenizers["pruned_student"]) - 6 == slim.vocab_size
     assert all(len(tokenizers[f"slim_student{q}"]) == slim.vocab_size for q in ("_int8", "_bnb8"))

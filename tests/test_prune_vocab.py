@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from compression.artifacts import load_classifier, load_model, save_classifier, save_quantized
 from compression.export import export_variant, max_length, predict_texts, text_logits
-from compression.models import count_parameters, mean_pool_class
+from compression.models import count_parameters
 from compression.prune import kept_heads, prune_heads_
 from compression.prune_vocab import (
     KEPT_TOKENS_KEY,
@@ -29,15 +29,10 @@ from compression.prune_vocab import (
     pruned_tokenizer,
 )
 from compression.quantize import Bnb8Config, Int8Config, quantize
+from conftest import FAMILY_FIXTURES, tiny_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILY_FIXTURES = {  # family -> (config fixture, tokenizer fixture)
-    "bert": ("tiny_config", "tiny_tokenizer"),
-    "roberta": ("tiny_roberta_config", "tiny_roberta_tokenizer"),
-    "mpnet": ("tiny_mpnet_config", "tiny_mpnet_tokenizer"),
-    "distilbert": ("tiny_distilbert_config", "tiny_distilbert_tokenizer"),
-}
 WORDPIECE = ("bert", "mpnet", "distilbert")
 TRAIN = ["a good movie .", "not very funny , too slow", "the acting is brilliant !", "dull , weak script"]
 # TRAIN's words in other sentences, each at the start of one or not as in TRAIN (a BPE spells them differently)
@@ -48,20 +43,6 @@ UNSEEN = "the boring movie"  # "boring" is in every tiny vocabulary, not in TRAI
 @pytest.fixture(params=list(FAMILY_FIXTURES))
 def family(request) -> str:
     return request.param
-
-
-def tiny_classifier(request, family: str, pooling: str = "mean"):
-    """(a seeded classifier of the family's tiny config, its tokenizer). Initialised 10x wider than the default,
-    so that logits differ visibly between sentences and a wrong embedding row cannot pass as rounding."""
-    config_name, tokenizer_name = FAMILY_FIXTURES[family]
-    config = copy.deepcopy(request.getfixturevalue(config_name))
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    if pooling == "cls":
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = mean_pool_class(config.model_type)(config)
-    return model.eval(), request.getfixturevalue(tokenizer_name)
 
 
 def train_keep_ids(tokenizer) -> torch.Tensor:
