@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     base = sub.add_parser("baselines", help="rewrite baselines from a run")
     base.add_argument("--accept", type=Path, required=True, nargs="+", metavar="RESULTS",
-                      help="results.json of one or more runs (latency ratios: their median)")
+                      help="results.json of one or more runs (every budget from the worst of them, with slack)")
     base.add_argument("--baselines", type=Path, default=Path("baselines.json"))
 
     schema = sub.add_parser("schema", help="print the JSON Schema of results.json or baselines.json")

@@ -165,7 +165,8 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
         if "teacher" not in rows:
             raise ValueError("cannot accept a run without a 'teacher' variant: every budget is relative to it")
     out = {}
-    for name in tables[0]:
+    names = list(dict.fromkeys(name for t in tables for name in t))  # every variant of any run, in run order
+    for name in names:
         rows = [t[name] for t in tables if name in t]
         worst_acc = min(r.val_accuracy for r in rows)
         worst_drop = max(t["teacher"].val_accuracy - t[name].val_accuracy for t in tables if name in t)

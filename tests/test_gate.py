@@ -380,6 +380,15 @@ def test_accepting_runs_in_any_order_gives_the_same_budgets():
     assert budgets_from(runs) == budgets_from(runs[::-1]) == budgets_from([runs[1], runs[2], runs[0]])
 
 
+def test_a_variant_only_a_later_run_has_gets_budgets_too():
+    # an older run without the newest variant accepted first: the newer run's variant is still budgeted
+    older, newer = make_results(drop=("pruned_student",)), make_results()
+    for runs in ([older, newer], [newer, older]):
+        budgets = budgets_from(runs)
+        assert list(budgets) == ["teacher", "teacher_int8", "student", "student_int8", "pruned_student"]
+        assert budgets["pruned_student"] == budgets_from([newer])["pruned_student"]
+
+
 def test_runs_of_different_profiles_are_not_accepted_together():
     other = make_results().model_copy(update={"profile": "full"})
     with pytest.raises(ValueError, match="different profiles"):
