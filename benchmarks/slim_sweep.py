@@ -21,7 +21,6 @@ from compression.low_rank import LowRankConfig
 from compression.measure import accuracy, predict
 from compression.pipeline import build_variants
 from compression.profiles import get_profile
-from compression.prune_ffn import FfnPruneConfig
 
 
 def main(argv: list[str] | None = None) -> int:
