@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 acc[name] = accuracy(predict(v.model, tokenize(validation, v.tokenizer), v.tokenizer),
                                      validation["label"])
             slim = by_name["slim_student"]
-            print(f"| {remove:g} | {rank or '-'} | {recovery.max_rows or 'all' if rank else '-'} | "
+            rows = (recovery.max_rows or "all") if rank else "-"  # the recovery runs only after factoring
+            print(f"| {remove:g} | {rank or '-'} | {rows} | "
                   f"{slim.parameters:,} | {size_mb(slim.folder):.2f} | {size_mb(by_name['slim_student_int8'].folder):.2f} | "
                   f"{acc['slim_student']:.2f} | {acc['slim_student_int8']:.2f} |", flush=True)
     return 0

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from compression.low_rank import RANK_KEY, LowRankConfig, factorize_embeddings_
+from compression.low_rank import RANK_KEY, LowRankConfig, low_rank_shape_
 from compression.models import classifier_class
 from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
 from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
@@ -59,7 +59,7 @@ def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
     heads, neurons, rank = (getattr(config, key, None) for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY, RANK_KEY))
     for key in (KEPT_HEADS_KEY, KEPT_NEURONS_KEY, RANK_KEY):
         if hasattr(config, key):
-            delattr(config, key)  # prune_heads_, prune_ffn_ and factorize_embeddings_ record them again
+            delattr(config, key)  # prune_heads_, prune_ffn_ and low_rank_shape_ record them again
     cls = classifier_class(config)
     model = cls.from_config(config) if cls is AutoModelForSequenceClassification else cls(config)
     if heads is not None:
@@ -67,7 +67,7 @@ def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
     if neurons is not None:
         prune_ffn_(model, neuron_mask_from_kept(neurons, intermediate_size(model)))
     if rank is not None:
-        factorize_embeddings_(model, LowRankConfig(rank))
+        low_rank_shape_(model, LowRankConfig(rank))  # the saved weights fill it
     return model
 
 

@@ -10,7 +10,8 @@ In two parts, as the other pruning modules:
   Frobenius norm (Eckart-Young), split evenly between the factors (U sqrt(S), sqrt(S) V^T) so that neither
   carries the singular values' whole range into its int8 scales;
 - surgery: `factorize_embeddings_(model, config)` puts a `LowRankEmbedding` where the input embedding was and
-  records the rank in the config (`embedding_rank`), from which `compression.artifacts` rebuilds the shape.
+  records the rank in the config (`embedding_rank`), from which `compression.artifacts` rebuilds the shape
+  (`low_rank_shape_`: the module alone, no SVD).
 The model's outputs change (the approximation drops the table's smallest directions): the pipeline recovers it
 by distillation, as after the other cuts.
 """
@@ -90,22 +91,30 @@ def check_rank(rank: int, num_embeddings: int, embedding_dim: int) -> None:
                          f"it must be below {num_embeddings * embedding_dim // (num_embeddings + embedding_dim)}")
 
 
-@torch.no_grad()
-def factorize_embeddings_(model: nn.Module, config: LowRankConfig = LowRankConfig()) -> None:
-    """Replace the model's input embedding [V, H] by a `LowRankEmbedding` of rank `config.rank`, in place,
-    started from `low_rank_factors`; records `config.embedding_rank`. ValueError if the input embedding is not
-    a plain `nn.Embedding` or the rank saves nothing."""
+def low_rank_shape_(model: nn.Module, config: LowRankConfig) -> LowRankEmbedding:
+    """Put an untrained `LowRankEmbedding` of rank `config.rank` where the model's input `nn.Embedding` [V, H]
+    is, in place, and record `config.embedding_rank`: the shape a saved factored model's weights load into.
+    ValueError if the input embedding is not a plain `nn.Embedding` or the rank saves nothing."""
     encoder_layout(model, "embedding factorization")
     old = model.get_input_embeddings()
     if not isinstance(old, nn.Embedding):
         raise ValueError(f"embedding factorization: {type(model).__name__}'s input embedding is "
                          f"{type(old).__name__}, not an nn.Embedding (already factored?)")
     check_rank(config.rank, old.num_embeddings, old.embedding_dim)
-    rows, projection = low_rank_factors(old.weight, config.rank)
     new = LowRankEmbedding(old.num_embeddings, old.embedding_dim, config.rank, old.padding_idx,
                            device=old.weight.device, dtype=old.weight.dtype)
-    new.rows.weight.copy_(rows)
-    new.projection.weight.copy_(projection.T)  # nn.Linear keeps [out, in]
     model.set_input_embeddings(new)
     setattr(model.config, RANK_KEY, config.rank)
-    log.info("word embedding %d x %d factored at rank %d", old.num_embeddings, old.embedding_dim, config.rank)
+    return new
+
+
+@torch.no_grad()
+def factorize_embeddings_(model: nn.Module, config: LowRankConfig = LowRankConfig()) -> None:
+    """Replace the model's input embedding [V, H] by a `LowRankEmbedding` of rank `config.rank`, in place,
+    started from `low_rank_factors`; records `config.embedding_rank`. ValueError as `low_rank_shape_`."""
+    table = model.get_input_embeddings().weight
+    new = low_rank_shape_(model, config)
+    rows, projection = low_rank_factors(table, config.rank)
+    new.rows.weight.copy_(rows)
+    new.projection.weight.copy_(projection.T)  # nn.Linear keeps [out, in]
+    log.info("word embedding %d x %d factored at rank %d", new.num_embeddings, new.embedding_dim, config.rank)
