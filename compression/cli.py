@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
     base = sub.add_parser("baselines", help="rewrite baselines from a run")
     base.add_argument("--accept", type=Path, required=True, nargs="+", metavar="RESULTS",
-                      help="results.json of one or more runs (every budget from the worst of them, with slack)")
+                      help="results.json of one or more runs (each budget from the worst of them, the latency "
+                           "ratio from their median; with slack)")
     base.add_argument("--baselines", type=Path, default=Path("baselines.json"))
 
     schema = sub.add_parser("schema", help="print the JSON Schema of results.json or baselines.json")

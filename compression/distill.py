@@ -201,6 +201,7 @@ def distill(
     train: datasets.Dataset,
     distill_config: DistillConfig,
     train_config: TrainConfig,
+    callbacks: list | None = None,
 ) -> PreTrainedModel:
     """Train `student` in place on its tokenized `train` rows; returns it in eval mode.
 
@@ -224,4 +225,5 @@ def distill(
         teacher=teacher if mapping is not None or LOGITS_COLUMN not in train.column_names else None,
         distill=distill_config,
         mapping=mapping,
+        callbacks=callbacks,  # transformers TrainerCallbacks, e.g. a sweep's per-epoch evaluation
     )

@@ -16,6 +16,8 @@ otherwise switch a gate off silently). This module imports neither torch nor the
 
 from __future__ import annotations
 
+import statistics
+
 from dataclasses import dataclass
 
 from compression.schema import BUDGET_KEYS, SCHEMA_VERSION, Baselines, Budgets, GpuBudgets, Results, VariantRow
@@ -139,13 +141,16 @@ def failure_message(f: Finding, results_hint: str = "RESULTS") -> str:
 # --- accepting a run as the new baseline -----------------------------------------------------------------
 
 # Slack added to what a run measured. Accuracy and flips are deterministic on one machine (seeded training,
-# fixed threads), so a few sentences of slack covers other CPUs. Latency ratios (blocked pairing) wandered 2-5%
-# between quiet reruns on one machine; 10% of slack leaves room for that while an injected 20% slowdown still
-# fails, and the benchmarks re-time a breach before failing it (benchmarks/gate_noise.py counts both).
+# fixed threads), so a few sentences of slack covers other CPUs. Latency ratios (blocked pairing) are not: the
+# int8 student read 0.096-0.110 of the teacher in five fresh smoke runs on one machine (15% apart). A budget
+# from the worst accepted run plus 10% then sat above a 20% slowdown of the usual ratio (CI: 0.118 passed
+# 0.121), so the ratio budget is the median accepted run plus 12%: above every unchanged run seen (at most 10%
+# over the median), below a 20% slowdown of any of them. The benchmarks re-time a breach before failing it
+# (median of up to three timings); benchmarks/gate_noise.py counts false alarms and slowdowns caught.
 ACCURACY_SLACK = 0.6  # points (about 5 of 872 sentences)
 FLIP_SLACK = 4
 SIZE_SLACK = 1.02
-LATENCY_SLACK = 1.10
+LATENCY_SLACK = 1.12
 # bnb8 on a CPU is the noisiest row (a dequantising fallback, not what bnb8 is for): its ratio wandered 0.63-0.76
 # in unchanged timings on one machine, so its gate is looser and catches a ~35% slowdown, not a 20% one.
 BNB8_LATENCY_SLACK = 1.25
@@ -154,10 +159,9 @@ BNB8_LATENCY_SLACK = 1.25
 def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
     """Budgets for every variant, from one or more runs of the same profile, with the slack above.
 
-    Every figure takes the worst run. Accuracy and flips are deterministic on one machine, so normally all
-    agree; latency ratios are not: the same machine has been seen in two states a run apart, with the int8
-    teacher at 0.20 and 0.28 of the fp32 one, so runs from several machines or moments each widen the budget to
-    what they saw (and no more: the slack stays 10%).
+    Accuracy, flips and size take the worst run: they are deterministic on one machine, so normally all agree.
+    The latency ratio takes the median run: one noisy accepted run must not lift a budget past the slowdown the
+    gate exists to catch (see LATENCY_SLACK).
     Every figure stays inside the schema's ranges (an accuracy floor of 0.3 - 0.6 is 0, not negative).
     """
     tables = [r.rows() for r in runs]
@@ -177,7 +181,7 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
             "max_size_mb": max(0.01, round(max(r.size_mb for r in rows) * SIZE_SLACK, 2)),
         }
         if name != "teacher":
-            ratio = max(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
+            ratio = statistics.median(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
             slack = BNB8_LATENCY_SLACK if name.endswith("_bnb8") else LATENCY_SLACK
             b["max_latency_ratio"] = max(0.001, round(ratio * slack, 3))
         out[name] = Budgets(**b)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import concatenate_datasets
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from compression import cache
 from compression.artifacts import load_model, save_classifier, save_quantized
+from compression.augment import augmented_sentences, sentence_rows
 from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
@@ -214,9 +217,38 @@ def build_variants(
         s_max_length = profile.student.max_length
         train_s = tokenize(train, s_tokenizer, s_max_length)
         s_identity = {"base": base_fingerprint(student_name)}
+    # teacher-labelled copies of the student's whole training sentences, words swapped for neighbours in the
+    # student's embedding table (TinyBERT-style), with the teacher's logits over them: computed once, like those
+    augmented = None
+    if profile.augment is not None:
+        augmented_key = cache.cache_key(
+            {"from": teacher_key, "stage": "augmented", "augment": profile.augment, "rows": _digest(student_rows),
+             "words": s_identity, "bf16": profile.teacher.bf16, "batch_size": profile.logits_batch_size}
+        )
+
+        def build_augmented(folder: Path):
+            words_from = student_base_model if profile.student_base is not None else teacher
+            sentences = augmented_sentences([train["sentence"][i] for i in student_rows],
+                                            words_from.get_input_embeddings().weight.detach(), s_tokenizer.get_vocab(),
+                                            profile.augment)
+            progress(f"computing the teacher's logits over {len(sentences):,} augmented sentences")
+            rows = tokenize(sentence_rows(sentences), tokenizer, profile.teacher.max_length)
+            save_file({"logits": teacher_logits(teacher, rows, tokenizer, profile.logits_batch_size,
+                                                profile.teacher.bf16)}, folder / "logits.safetensors")
+            (folder / "sentences.json").write_text(json.dumps(sentences))
+
+        def load_augmented(folder: Path):
+            sentences = json.loads((folder / "sentences.json").read_text())
+            logits = load_file(folder / "logits.safetensors")["logits"]  # [N, C]
+            # the teacher's choice is each new sentence's label (the labels' term of the loss)
+            rows = tokenize(sentence_rows(sentences, logits.argmax(-1).tolist()), s_tokenizer, s_max_length)
+            return with_teacher_logits(rows, logits)
+
+        augmented = _timed_cached(root, "augmented", augmented_key, build_augmented, load_augmented, stages)
     student_key = cache.cache_key(
         {"from": teacher_key, "stage": "student", "student": s_identity, "targets": STUDENT_TARGETS,
-         "distill": profile.distill, "train": profile.student}
+         "distill": profile.distill, "train": profile.student,
+         **({"augmented": augmented_key} if augmented is not None else {})}
     )
 
     def build_student(folder: Path):
@@ -227,7 +259,10 @@ def build_variants(
         else:
             progress(f"distilling {profile.student_base} from the teacher's logits")
             student = student_base_model
-        distill(None, student, s_tokenizer, soft_rows(train_s, student_rows), profile.distill, profile.student)
+        rows = soft_rows(train_s, student_rows)
+        if augmented is not None:
+            rows = concatenate_datasets([rows, augmented.cast(rows.features)])
+        distill(None, student, s_tokenizer, rows, profile.distill, profile.student)
         save_classifier(student, s_tokenizer, folder)
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)

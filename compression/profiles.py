@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compression.augment import AugmentConfig
 from compression.bases import MINILM, MPNET
 from compression.distill import DistillConfig
 from compression.low_rank import LowRankConfig
@@ -39,6 +40,8 @@ class Profile:
     teacher: TrainConfig = TrainConfig()
     distill: DistillConfig = DistillConfig()
     student: TrainConfig = TrainConfig(learning_rate=1e-4, epochs=1.0)  # one epoch: the teacher did the work
+    # Teacher-labelled copies of train's whole sentences added to the student's rows (None: train alone)
+    augment: AugmentConfig | None = None
     prune: PruneConfig = PruneConfig()
     # The slim student: half of the pruned student's FFN neurons (two thirds of a layer's multiply-adds) removed.
     ffn: FfnPruneConfig = FfnPruneConfig()

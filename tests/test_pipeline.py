@@ -145,6 +145,35 @@ def test_teacher_logits_are_computed_once_for_student_and_recovery(job):
     assert all((args[3] / n / "logits.safetensors").is_file() for n in logits)
 
 
+def test_augmented_sentences_join_the_students_rows_only(job, monkeypatch):
+    """Teacher-labelled augmented sentences: built and cached once, added to the student's rows (not to the
+    recoveries'), part of the student's key and so of everything after it, never of the teacher's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from compression import pipeline
+    from compression.augment import AugmentConfig
+
+    args, first = job
+    profile, *rest = args
+    seen = []
+    real = pipeline.distill
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: (seen.append(len(a[3])), real(*a, **k))[1])
+    augmented = dataclasses.replace(profile, augment=AugmentConfig(copies=2, min_words=2))
+    built = build_variants(augmented, *rest)
+    (entry,) = [p for p in rest[2].iterdir() if p.name.startswith("augmented-")]
+    sentences = json.loads((entry / "sentences.json").read_text())
+    assert len(sentences) > 0 and load_file(entry / "logits.safetensors")["logits"].shape == (len(sentences), 2)
+    assert seen[0] == profile.student.max_rows + len(sentences)  # the student's rows, then the augmented ones
+    assert all(n == profile.recovery.max_rows for n in seen[1:])  # recoveries read train alone
+    moved = {a.name for a, b in zip(first.variants, built.variants) if a.folder != b.folder}
+    assert moved == set(NAMES) - {"teacher", "teacher_int8", "teacher_bnb8"}
+    seen.clear()
+    build_variants(augmented, *rest)  # everything from the cache: nothing trains again
+    assert seen == []
+
+
 def test_student_of_another_family_and_vocabulary(tmp_path, tiny_base_dir, tiny_mpnet_dir):
     """An MPNet teacher (its own vocabulary) distils into a BERT student that reads its own tokenization."""
     write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))

@@ -1,0 +1,124 @@
+"""Choose the student's distillation recipe on whole sentences held out of train (never on validation).
+
+    python -m benchmarks.student_sweep --teacher ~/.cache/model-compression/teacher-XXXX \\
+        --alpha 0.5 1.0 --lr 8e-5 --epochs 2 --augment 0 8 --out /tmp/sweep
+
+Holds out `--holdout` whole sentences of train and every phrase of them (`teacher_sweep.leak_free_split`),
+distils the student base (default: the embedded MiniLM-L6) from the teacher's logits on the remaining rows for
+each soft-target weight, temperature, learning rate and augmentation, and prints the held-out accuracy at
+every epoch's end and the table of finished runs. `--augment N` adds N teacher-labelled copies of each whole
+training sentence with words swapped for their embedding-table neighbours (`compression.augment`).
+
+The teacher's logits over train and over the augmented sentences are computed once into `--out` and reused by
+later sweeps. The teacher was fine-tuned on all of train, held-out sentences included, so its logits on the
+remaining rows may carry a trace of them; the student never sees a held-out sentence or its logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.teacher_sweep import HeldOutEachEpoch, leak_free_split
+from compression.artifacts import load_classifier
+from compression.augment import AugmentConfig, augmented_sentences, sentence_rows
+from compression.bases import MINILM, resolve_base
+from compression.data import load_sst2, tokenize
+from compression.distill import DistillConfig, distill, teacher_logits, with_teacher_logits
+from compression.measure import accuracy, predict
+from compression.models import load_base
+from compression.train import TrainConfig, bf16_supported
+
+
+def cached_logits(path: Path, teacher_dir: str, sentences: list[str], batch_size: int) -> torch.Tensor:
+    """[N, 2] teacher logits over `sentences`, from `path` when it holds them, else computed and saved there."""
+    if path.exists():
+        logits = load_file(path)["logits"]
+        if len(logits) == len(sentences):
+            return logits
+    teacher, tokenizer = load_classifier(teacher_dir)
+    ds = tokenize(sentence_rows(sentences), tokenizer)
+    start = time.perf_counter()
+    logits = teacher_logits(teacher, ds, tokenizer, batch_size, bf16=bf16_supported(True))
+    print(f"teacher logits over {len(sentences):,} sentences: {time.perf_counter() - start:.0f} s", flush=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"logits": logits}, tmp)
+    tmp.replace(path)
+    return logits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True, help="the fine-tuned teacher's folder (a cache entry)")
+    parser.add_argument("--student", default=MINILM, help="student base (default: the embedded MiniLM-L6)")
+    parser.add_argument("--data", default=None, help="SST-2 folder (default: $SST2_DIR, else the hub)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the teacher's logits, reused")
+    parser.add_argument("--train-logits", type=Path, help="the teacher's logits over all of train, in train's "
+                        "order (a cached teacher_logits-*/logits.safetensors of `compress run`); else computed")
+    parser.add_argument("--alpha", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[2.0])
+    parser.add_argument("--lr", type=float, nargs="+", default=[8e-5])
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--augment", type=int, nargs="+", default=[0], help="copies per whole sentence (0: none)")
+    parser.add_argument("--holdout", type=int, default=2000, help="whole train sentences held out for choosing")
+    parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    sst2 = load_sst2(args.data)
+    full = sst2.splits["train"]
+    split = leak_free_split(full.add_column("row", list(range(len(full)))), args.holdout, args.min_words, args.seed)
+    train, held = split["train"], split["test"].remove_columns("row")
+    print(f"held out {len(held)} sentences; training on {len(train)} rows", flush=True)
+    if args.train_logits:
+        logits = load_file(args.train_logits)["logits"][torch.tensor(train["row"])]
+    else:
+        name = f"{Path(args.teacher).name}-train-{args.holdout}-{args.seed}.safetensors"
+        logits = cached_logits(args.out / name, args.teacher, train["sentence"], 128)
+    train = train.remove_columns("row")
+
+    student_name = resolve_base(args.student)
+    _, s_tokenizer = load_base(student_name, pooling="mean")
+    held_s = tokenize(held, s_tokenizer)
+    rows = []
+    for copies, alpha, temperature, lr in itertools.product(args.augment, args.alpha, args.temperature, args.lr):
+        rows_s = with_teacher_logits(tokenize(train, s_tokenizer), logits)
+        if copies:
+            config = AugmentConfig(copies=copies, seed=args.seed)
+            table = load_base(student_name, pooling="mean")[0].get_input_embeddings().weight.detach()
+            new = augmented_sentences(train["sentence"], table, s_tokenizer.get_vocab(), config)
+            name = f"{Path(args.teacher).name}-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
+            new_logits = cached_logits(args.out / name, args.teacher, new, 128)
+            extra = tokenize(sentence_rows(new, new_logits.argmax(-1).tolist()), s_tokenizer)
+            extra = with_teacher_logits(extra, new_logits).cast(rows_s.features)
+            rows_s = datasets.concatenate_datasets([rows_s, extra])
+            print(f"augmented: {len(new):,} new sentences", flush=True)
+        label = f"augment={copies} alpha={alpha:g} T={temperature:g} lr={lr:g} epochs={args.epochs:g}"
+        train_config = TrainConfig(learning_rate=lr, epochs=args.epochs, seed=args.seed)
+        torch.manual_seed(train_config.seed)
+        student, _ = load_base(student_name, pooling="mean")
+        start = time.perf_counter()
+        distill(None, student, s_tokenizer, rows_s, DistillConfig(temperature=temperature, alpha=alpha),
+                train_config, callbacks=[HeldOutEachEpoch(held_s, s_tokenizer, label)])
+        seconds = time.perf_counter() - start
+        acc = accuracy(predict(student, held_s, s_tokenizer), held_s["labels"])
+        rows.append((copies, alpha, temperature, lr, len(rows_s), acc, seconds))
+        print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
+    print("\n| augment copies | alpha | T | lr | epochs | rows | held-out acc (%) | train time (s) |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for copies, alpha, temperature, lr, n, acc, seconds in sorted(rows, key=lambda r: -r[5]):
+        print(f"| {copies} | {alpha:g} | {temperature:g} | {lr:g} | {args.epochs:g} | {n:,} | {acc:.2f} "
+              f"| {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
