@@ -87,21 +87,23 @@ def main() -> None:
     train = train.remove_columns("row")
 
     student_name = resolve_base(args.student)
-    _, s_tokenizer = load_base(student_name, pooling="mean")
+    base, s_tokenizer = load_base(student_name, pooling="mean")
     held_s = tokenize(held, s_tokenizer)
+    train_s = with_teacher_logits(tokenize(train, s_tokenizer), logits)
+    table = base.get_input_embeddings().weight.detach()  # the swaps' neighbours: the student's own word pieces
+    with_copies = {0: train_s}
+    for copies in sorted(set(args.augment) - {0}):
+        new = augmented_sentences(train["sentence"], table, s_tokenizer.get_vocab(),
+                                  AugmentConfig(copies=copies, seed=args.seed))
+        name = f"{Path(args.teacher).name}-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
+        new_logits = cached_logits(args.out / name, args.teacher, new, 128)
+        extra = tokenize(sentence_rows(new, new_logits.argmax(-1).tolist()), s_tokenizer)
+        extra = with_teacher_logits(extra, new_logits).cast(train_s.features)
+        with_copies[copies] = datasets.concatenate_datasets([train_s, extra])
+        print(f"augment {copies}: {len(new):,} new sentences", flush=True)
     rows = []
     for copies, alpha, temperature, lr in itertools.product(args.augment, args.alpha, args.temperature, args.lr):
-        rows_s = with_teacher_logits(tokenize(train, s_tokenizer), logits)
-        if copies:
-            config = AugmentConfig(copies=copies, seed=args.seed)
-            table = load_base(student_name, pooling="mean")[0].get_input_embeddings().weight.detach()
-            new = augmented_sentences(train["sentence"], table, s_tokenizer.get_vocab(), config)
-            name = f"{Path(args.teacher).name}-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
-            new_logits = cached_logits(args.out / name, args.teacher, new, 128)
-            extra = tokenize(sentence_rows(new, new_logits.argmax(-1).tolist()), s_tokenizer)
-            extra = with_teacher_logits(extra, new_logits).cast(rows_s.features)
-            rows_s = datasets.concatenate_datasets([rows_s, extra])
-            print(f"augmented: {len(new):,} new sentences", flush=True)
+        rows_s = with_copies[copies]
         label = f"augment={copies} alpha={alpha:g} T={temperature:g} lr={lr:g} epochs={args.epochs:g}"
         train_config = TrainConfig(learning_rate=lr, epochs=args.epochs, seed=args.seed)
         torch.manual_seed(train_config.seed)

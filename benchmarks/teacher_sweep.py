@@ -25,6 +25,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
+from compression.augment import whole_sentences
 from compression.data import load_sst2, tokenize
 from compression.measure import accuracy, predict
 from compression.models import POOLINGS, load_base
@@ -38,15 +39,7 @@ def leak_free_split(train: datasets.Dataset, holdout: int, min_words: int, seed:
     that is a span of a held-out sentence (one of its phrases) is dropped from training.
     """
     words = [s.split() for s in train["sentence"]]
-
-    def spans(w: list[str]) -> set[str]:
-        return {" ".join(w[a:b]) for a in range(len(w)) for b in range(a + min_words, len(w) + 1)}
-
-    long_rows = [i for i, w in enumerate(words) if len(w) >= min_words]
-    inner: set[str] = set()
-    for i in long_rows:
-        inner |= spans(words[i]) - {" ".join(words[i])}
-    roots = [i for i in long_rows if " ".join(words[i]) not in inner]
+    roots = whole_sentences(train["sentence"], min_words)
     held = set(random.Random(seed).sample(roots, holdout))
     phrases = {" ".join(words[i][a:b]) for i in held for a in range(len(words[i]))
                for b in range(a + 1, len(words[i]) + 1)}
