@@ -144,13 +144,13 @@ def failure_message(f: Finding, results_hint: str = "RESULTS") -> str:
 # fixed threads), so a few sentences of slack covers other CPUs. Latency ratios (blocked pairing) are not: the
 # int8 student read 0.096-0.110 of the teacher in five fresh smoke runs on one machine (15% apart). A budget
 # from the worst accepted run plus 10% then sat above a 20% slowdown of the usual ratio (CI: 0.118 passed
-# 0.121), so the ratio budget is the median accepted run plus 12%: above every unchanged run seen (at most 10%
-# over the median), below a 20% slowdown of any of them. The benchmarks re-time a breach before failing it
+# 0.121), so the ratio budget is the median accepted run plus 15%: a fresh-clone CI run read pruned_student_int8
+# 13% over its median (0.104 against 0.103 at +12%), and a 20% slowdown of the median run still breaks it. The benchmarks re-time a breach before failing it
 # (median of up to three timings); benchmarks/gate_noise.py counts false alarms and slowdowns caught.
 ACCURACY_SLACK = 0.6  # points (about 5 of 872 sentences)
 FLIP_SLACK = 4
 SIZE_SLACK = 1.02
-LATENCY_SLACK = 1.12
+LATENCY_SLACK = 1.15
 # bnb8 on a CPU is the noisiest row (a dequantising fallback, not what bnb8 is for): its ratio wandered 0.63-0.76
 # in unchanged timings on one machine, so its gate is looser and catches a ~35% slowdown, not a 20% one.
 BNB8_LATENCY_SLACK = 1.25
