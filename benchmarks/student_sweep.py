@@ -9,6 +9,11 @@ each soft-target weight, temperature, learning rate and augmentation, and prints
 every epoch's end and the table of finished runs. `--augment N` adds N teacher-labelled copies of each whole
 training sentence with words swapped for their embedding-table neighbours (`compression.augment`).
 
+`--polish N` then continues each finished student on N seeded training rows alone (no augmented sentences) at
+`--polish-lr` for one epoch, as the pruning stages' recovery does, and `--polish-prune` also removes the
+profile's share of heads before that pass (the pruned student's stage): it tells what the pruned student's
+gain over its parent comes from.
+
 The teacher's logits over train and over the augmented sentences are computed once into `--out` and reused by
 later sweeps. The teacher was fine-tuned on all of train, held-out sentences included, so its logits on the
 remaining rows may carry a trace of them; the student never sees a held-out sentence or its logits.
@@ -17,6 +22,7 @@ remaining rows may carry a trace of them; the student never sees a held-out sent
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import logging
 import time
@@ -30,11 +36,12 @@ from benchmarks.teacher_sweep import HeldOutEachEpoch, leak_free_split
 from compression.artifacts import load_classifier
 from compression.augment import AugmentConfig, augmented_sentences, sentence_rows
 from compression.bases import MINILM, resolve_base
-from compression.data import load_sst2, tokenize
+from compression.data import batches, load_sst2, tokenize
 from compression.distill import DistillConfig, distill, teacher_logits, with_teacher_logits
 from compression.measure import accuracy, predict
 from compression.models import load_base
-from compression.train import TrainConfig, bf16_supported
+from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
+from compression.train import TrainConfig, bf16_supported, training_rows
 
 
 def cached_logits(path: Path, teacher_dir: str, sentences: list[str], batch_size: int) -> torch.Tensor:
@@ -54,6 +61,30 @@ def cached_logits(path: Path, teacher_dir: str, sentences: list[str], batch_size
     return logits
 
 
+def polish(student, train_s, held_s, tokenizer, distill_config: DistillConfig, config: TrainConfig, label: str,
+           prune: bool) -> None:
+    """Print held-out accuracy of copies of `student` continued on `config.max_rows` rows of train alone: as it
+    is, and (when `prune`) with the pipeline's share of heads removed first."""
+    cuts = [("polish", False)] + ([("prune + polish", True)] if prune else [])
+    for name, cut in cuts:
+        model = copy.deepcopy(student)
+        if cut:
+            prune_config = PruneConfig()
+            scoring = training_rows(train_s, TrainConfig(max_rows=prune_config.batch_size
+                                                         * prune_config.importance_batches, seed=config.seed))
+            scores = head_importance(model, ({k: v for k, v in b.items() if k != "index"}
+                                             for b in batches(scoring, tokenizer, prune_config.batch_size,
+                                                              with_labels=True)))
+            prune_heads_(model, keep_mask_from_scores(scores, prune_config.remove))
+            acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
+            print(f"{label} {name}: held-out accuracy {acc:.2f}% after the cut", flush=True)
+        start = time.perf_counter()
+        distill(None, model, tokenizer, training_rows(train_s, config), distill_config, config)
+        acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
+        print(f"{label} {name} ({config.max_rows:,} rows, lr {config.learning_rate:g}): held-out accuracy "
+              f"{acc:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="the fine-tuned teacher's folder (a cache entry)")
@@ -70,6 +101,10 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=2000, help="whole train sentences held out for choosing")
     parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--polish", type=int, default=0, help="rows of train alone each finished student "
+                        "continues on for one epoch (0: none)")
+    parser.add_argument("--polish-lr", type=float, default=5e-5)
+    parser.add_argument("--polish-prune", action="store_true", help="also remove heads before the polish")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +150,10 @@ def main() -> None:
         acc = accuracy(predict(student, held_s, s_tokenizer), held_s["labels"])
         rows.append((copies, alpha, temperature, lr, len(rows_s), acc, seconds))
         print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
+        if args.polish:
+            polish(student, train_s, held_s, s_tokenizer, DistillConfig(temperature=temperature, alpha=alpha),
+                   TrainConfig(learning_rate=args.polish_lr, epochs=1.0, max_rows=args.polish, seed=args.seed),
+                   label, args.polish_prune)
     print("\n| augment copies | alpha | T | lr | epochs | rows | held-out acc (%) | train time (s) |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|")
     for copies, alpha, temperature, lr, n, acc, seconds in sorted(rows, key=lambda r: -r[5]):
