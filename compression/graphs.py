@@ -105,10 +105,11 @@ class GraphedClassifier(nn.Module):
                 return SequenceClassifierOutput(logits=self.model(**inputs).logits)
             self.graphs[key] = captured
         graph, static_inputs, static_logits = self.graphs[key]
-        for name, tensor in padded.items():
-            static_inputs[name].copy_(tensor)
-        graph.replay()
-        return SequenceClassifierOutput(logits=static_logits.clone())  # the next replay overwrites the static one
+        with torch.inference_mode():  # the static tensors were made under it; in-place writes must be too
+            for name, tensor in padded.items():
+                static_inputs[name].copy_(tensor)
+            graph.replay()
+            return SequenceClassifierOutput(logits=static_logits.clone())  # the next replay overwrites it
 
     @torch.inference_mode()
     def _capture(self, padded: dict[str, torch.Tensor]):
