@@ -78,8 +78,9 @@ PROFILES = {
         # One epoch: a base-size model's step costs ~7x the MiniLM's on two cores (README, "Like for like").
         teacher=TrainConfig(learning_rate=2e-5, epochs=1.0),
         # Chosen on 2,000 whole train sentences held out (benchmarks/student_sweep.py; README "Like for like"):
-        # eight teacher-labelled copies of each whole training sentence join train, two epochs over both.
-        student=TrainConfig(learning_rate=8e-5, epochs=2.0),
+        # eight teacher-labelled copies of each whole training sentence join train, three epochs over both
+        # (held out: 89.65, 90.50, 90.70 after epochs 1-3).
+        student=TrainConfig(learning_rate=8e-5, epochs=3.0),
         augment=AugmentConfig(copies=8),
         latency_examples=300,  # accuracy is still over all 872; timing MPNet's bnb8 on all of them takes minutes
     ),
