@@ -9,14 +9,19 @@ each soft-target weight, temperature, learning rate and augmentation, and prints
 every epoch's end and the table of finished runs. `--augment N` adds N teacher-labelled copies of each whole
 training sentence with words swapped for their embedding-table neighbours (`compression.augment`).
 
-`--polish N` then continues each finished student on N seeded training rows alone (no augmented sentences) at
-`--polish-lr` for one epoch, as the pruning stages' recovery does, and `--polish-prune` also removes the
-profile's share of heads before that pass (the pruned student's stage): it tells what the pruned student's
-gain over its parent comes from.
+`--polish N [N ...]` then continues each finished student on N seeded rows for one epoch at `--polish-lr`, as
+the pruning stages' recovery does: rows of train alone (`--polish-from train`, the pipeline's default) or of the
+student's own rows, augmented sentences included (`--polish-from student`); `--polish-prune` also removes the
+profile's share of heads before that pass (the pruned student's stage) and `--polish-prune-only` skips the uncut
+pass. It tells what the pruned student's gain or loss against its parent comes from, and which recovery to use.
 
 The teacher's logits over train and over the augmented sentences are computed once into `--out` and reused by
-later sweeps. The teacher was fine-tuned on all of train, held-out sentences included, so its logits on the
-remaining rows may carry a trace of them; the student never sees a held-out sentence or its logits.
+later sweeps. `--augmented-cache` instead takes the augmented sentences and logits a `compress run` cached (its
+`augmented-*` folder; grown from all of train) and keeps those grown from the sentences this split trains on: no
+teacher forward at all. The teacher was fine-tuned on all of train, held-out sentences included, so its logits on
+the remaining rows may carry a trace of them; the student never sees a held-out sentence or its logits.
+`--save DIR` keeps each finished student (before any polish) for later experiments; `--load DIR` polishes such a
+student instead of training one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +40,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.teacher_sweep import HeldOutEachEpoch, leak_free_split
-from compression.artifacts import load_classifier
-from compression.augment import AugmentConfig, augmented_sentences, sentence_rows
+from compression.artifacts import load_classifier, save_classifier
+from compression.augment import AugmentConfig, augmented_sentences, augmented_with_sources, sentence_rows
 from compression.bases import MINILM, resolve_base
 from compression.data import batches, load_sst2, tokenize
 from compression.distill import DistillConfig, distill, teacher_logits, with_teacher_logits
@@ -61,12 +68,30 @@ def cached_logits(path: Path, teacher_dir: str, sentences: list[str], batch_size
     return logits
 
 
-def polish(student, train_s, held_s, tokenizer, distill_config: DistillConfig, config: TrainConfig, label: str,
-           prune: bool) -> None:
-    """Print held-out accuracy of copies of `student` continued on `config.max_rows` rows of train alone: as it
-    is, and (when `prune`) with the pipeline's share of heads removed first."""
-    cuts = [("polish", False)] + ([("prune + polish", True)] if prune else [])
-    for name, cut in cuts:
+def reused_augmented(folder: Path, full_sentences: list[str], kept_rows: list[int], table: torch.Tensor,
+                     vocab: dict[str, int], config: AugmentConfig) -> tuple[list[str], torch.Tensor]:
+    """(sentences, [N, 2] logits) of a `compress run` augmented cache entry grown from all of train
+    (`full_sentences`), keeping only those grown from `kept_rows`. Regrows the sentences with their sources to
+    prove the entry was made this way (same words table, config and rows); exits with a one-line error if not."""
+    cached = json.loads((folder / "sentences.json").read_text())
+    logits = load_file(folder / "logits.safetensors")["logits"]
+    grown = augmented_with_sources(full_sentences, table, vocab, config)
+    if [new for _, new in grown] != cached or len(cached) != len(logits):
+        sys.exit(f"--augmented-cache {folder}: its sentences are not {config.copies} copies grown from all of train "
+                 "with this student's word table and seed")
+    keep = set(kept_rows)
+    chosen = [n for n, (source, _) in enumerate(grown) if source in keep]
+    return [cached[n] for n in chosen], logits[torch.tensor(chosen, dtype=torch.long)]
+
+
+def polish(student, train_s, rows_by_source: dict, held_s, tokenizer, distill_config: DistillConfig, lr: float,
+           sizes: list[int], seed: int, label: str, prune: bool, uncut: bool = True) -> None:
+    """Print held-out accuracy of copies of `student` continued for one epoch on each of `sizes` seeded rows of
+    each of `rows_by_source` ({name: rows}): as it is (when `uncut`) and (when `prune`) with the pipeline's share
+    of heads removed first, scored on rows of train (`train_s`) as the pipeline scores them."""
+    cuts = ([("polish", False)] if uncut else []) + ([("prune + polish", True)] if prune else [])
+    for (name, cut), (source, rows), n in itertools.product(cuts, rows_by_source.items(), sizes):
+        config = TrainConfig(learning_rate=lr, epochs=1.0, max_rows=n, seed=seed)
         model = copy.deepcopy(student)
         if cut:
             prune_config = PruneConfig()
@@ -79,9 +104,9 @@ def polish(student, train_s, held_s, tokenizer, distill_config: DistillConfig, c
             acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
             print(f"{label} {name}: held-out accuracy {acc:.2f}% after the cut", flush=True)
         start = time.perf_counter()
-        distill(None, model, tokenizer, training_rows(train_s, config), distill_config, config)
+        distill(None, model, tokenizer, training_rows(rows, config), distill_config, config)
         acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
-        print(f"{label} {name} ({config.max_rows:,} rows, lr {config.learning_rate:g}): held-out accuracy "
+        print(f"{label} {name} ({n:,} rows of {source}, lr {lr:g}): held-out accuracy "
               f"{acc:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
@@ -101,11 +126,27 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=2000, help="whole train sentences held out for choosing")
     parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--polish", type=int, default=0, help="rows of train alone each finished student "
-                        "continues on for one epoch (0: none)")
+    parser.add_argument("--polish", type=int, nargs="+", default=[], help="rows each finished student continues "
+                        "on for one epoch, one pass per figure (none: no polish)")
+    parser.add_argument("--polish-from", nargs="+", choices=["train", "student"], default=["train"],
+                        help="the polish's rows: train alone, or the student's own (augmented sentences included)")
     parser.add_argument("--polish-lr", type=float, default=5e-5)
     parser.add_argument("--polish-prune", action="store_true", help="also remove heads before the polish")
+    parser.add_argument("--polish-prune-only", action="store_true", help="only the pass with heads removed")
+    parser.add_argument("--augmented-cache", type=Path, help="a `compress run` augmented-* cache folder (grown "
+                        "from all of train with --augment copies) to take the augmented sentences and logits from")
+    parser.add_argument("--save", type=Path, help="folder to keep each finished student in (one subfolder each)")
+    parser.add_argument("--load", type=Path, help="a student saved by --save (same split, student base and "
+                        "recipe) to polish instead of training one; needs one recipe")
     args = parser.parse_args()
+    if args.load and not (args.load / "config.json").is_file():
+        parser.error(f"--load {args.load}: no saved student there (config.json missing)")
+    if args.load and len(list(itertools.product(args.augment, args.alpha, args.temperature, args.lr))) != 1:
+        parser.error("--load takes the one recipe its student was trained with: give one value per option")
+    if args.augmented_cache and not (args.augmented_cache / "sentences.json").is_file():
+        parser.error(f"--augmented-cache {args.augmented_cache}: no sentences.json there")
+    if args.augmented_cache and len(set(args.augment) - {0}) != 1:
+        parser.error("--augmented-cache serves one --augment figure: the copies it was grown with")
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -119,6 +160,7 @@ def main() -> None:
     else:
         name = f"{Path(args.teacher).name}-train-{args.holdout}-{args.seed}.safetensors"
         logits = cached_logits(args.out / name, args.teacher, train["sentence"], 128)
+    train_rows = train["row"]
     train = train.remove_columns("row")
 
     student_name = resolve_base(args.student)
@@ -128,10 +170,14 @@ def main() -> None:
     table = base.get_input_embeddings().weight.detach()  # the swaps' neighbours: the student's own word pieces
     with_copies = {0: train_s}
     for copies in sorted(set(args.augment) - {0}):
-        new = augmented_sentences(train["sentence"], table, s_tokenizer.get_vocab(),
-                                  AugmentConfig(copies=copies, seed=args.seed))
-        name = f"{Path(args.teacher).name}-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
-        new_logits = cached_logits(args.out / name, args.teacher, new, 128)
+        config = AugmentConfig(copies=copies, seed=args.seed)
+        if args.augmented_cache:
+            new, new_logits = reused_augmented(args.augmented_cache, full["sentence"], train_rows, table,
+                                               s_tokenizer.get_vocab(), config)
+        else:
+            new = augmented_sentences(train["sentence"], table, s_tokenizer.get_vocab(), config)
+            name = f"{Path(args.teacher).name}-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
+            new_logits = cached_logits(args.out / name, args.teacher, new, 128)
         extra = tokenize(sentence_rows(new, new_logits.argmax(-1).tolist()), s_tokenizer)
         extra = with_teacher_logits(extra, new_logits).cast(train_s.features)
         with_copies[copies] = datasets.concatenate_datasets([train_s, extra])
@@ -141,19 +187,28 @@ def main() -> None:
         rows_s = with_copies[copies]
         label = f"augment={copies} alpha={alpha:g} T={temperature:g} lr={lr:g} epochs={args.epochs:g}"
         train_config = TrainConfig(learning_rate=lr, epochs=args.epochs, seed=args.seed)
-        torch.manual_seed(train_config.seed)
-        student, _ = load_base(student_name, pooling="mean")
         start = time.perf_counter()
-        distill(None, student, s_tokenizer, rows_s, DistillConfig(temperature=temperature, alpha=alpha),
-                train_config, callbacks=[HeldOutEachEpoch(held_s, s_tokenizer, label)])
+        if args.load:  # a student this recipe trained before (--save): only the polish passes run
+            student, _ = load_classifier(str(args.load))
+            label = f"{label} (loaded from {args.load})"
+        else:
+            torch.manual_seed(train_config.seed)
+            student, _ = load_base(student_name, pooling="mean")
+            distill(None, student, s_tokenizer, rows_s, DistillConfig(temperature=temperature, alpha=alpha),
+                    train_config, callbacks=[HeldOutEachEpoch(held_s, s_tokenizer, label)])
         seconds = time.perf_counter() - start
         acc = accuracy(predict(student, held_s, s_tokenizer), held_s["labels"])
         rows.append((copies, alpha, temperature, lr, len(rows_s), acc, seconds))
         print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
+        if args.save and not args.load:
+            folder = args.save / f"augment{copies}-alpha{alpha:g}-T{temperature:g}-lr{lr:g}-epochs{args.epochs:g}"
+            save_classifier(student, s_tokenizer, folder)
+            print(f"saved to {folder}", flush=True)
         if args.polish:
-            polish(student, train_s, held_s, s_tokenizer, DistillConfig(temperature=temperature, alpha=alpha),
-                   TrainConfig(learning_rate=args.polish_lr, epochs=1.0, max_rows=args.polish, seed=args.seed),
-                   label, args.polish_prune)
+            sources = {"train": train_s, "student": rows_s}
+            polish(student, train_s, {k: sources[k] for k in args.polish_from}, held_s, s_tokenizer,
+                   DistillConfig(temperature=temperature, alpha=alpha), args.polish_lr, args.polish, args.seed,
+                   label, args.polish_prune or args.polish_prune_only, uncut=not args.polish_prune_only)
     print("\n| augment copies | alpha | T | lr | epochs | rows | held-out acc (%) | train time (s) |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|")
     for copies, alpha, temperature, lr, n, acc, seconds in sorted(rows, key=lambda r: -r[5]):

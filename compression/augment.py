@@ -81,9 +81,16 @@ def augment(sentences: list[str], neighbours: dict[str, list[str]], config: Augm
     Only copies that differ from their source and from each other are kept, so a sentence without replaceable
     words gives none. Deterministic for a given seed.
     """
+    return [new for _, new in augment_with_sources(sentences, neighbours, config)]
+
+
+def augment_with_sources(
+    sentences: list[str], neighbours: dict[str, list[str]], config: AugmentConfig
+) -> list[tuple[int, str]]:
+    """`augment`'s sentences, in its order, each with the index into `sentences` of the sentence it grew from."""
     rng = random.Random(config.seed)
     out = []
-    for sentence in sentences:
+    for source, sentence in enumerate(sentences):
         words = sentence.split()
         seen = {" ".join(words)}
         for _ in range(config.copies):
@@ -91,7 +98,7 @@ def augment(sentences: list[str], neighbours: dict[str, list[str]], config: Augm
                            else w for w in words)
             if new not in seen:
                 seen.add(new)
-                out.append(new)
+                out.append((source, new))
     return out
 
 
@@ -115,9 +122,18 @@ def augmented_sentences(
 
     embeddings: [V, D], the word-piece table `vocab` (token -> row) indexes; its nearest rows are the swaps.
     """
-    sources = [sentences[i] for i in whole_sentences(sentences, config.min_words)]
-    words = {w for s in sources for w in s.split()}
-    return augment(sources, word_neighbours(embeddings, vocab, words, config.neighbours), config)
+    return [new for _, new in augmented_with_sources(sentences, embeddings, vocab, config)]
+
+
+def augmented_with_sources(
+    sentences: list[str], embeddings: torch.Tensor, vocab: dict[str, int], config: AugmentConfig
+) -> list[tuple[int, str]]:
+    """`augmented_sentences`' sentences, in its order, each with the index into `sentences` of its source row."""
+    index = whole_sentences(sentences, config.min_words)
+    words = {w for i in index for w in sentences[i].split()}
+    grown = augment_with_sources([sentences[i] for i in index],
+                                 word_neighbours(embeddings, vocab, words, config.neighbours), config)
+    return [(index[source], new) for source, new in grown]
 
 
 def sentence_rows(sentences: list[str], labels: list[int] | None = None) -> datasets.Dataset:

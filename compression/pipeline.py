@@ -38,7 +38,7 @@ from compression.prune import head_importance, keep_mask_from_scores, prune_head
 from compression.prune_ffn import ffn_importance, ffn_keep_mask, prune_ffn_
 from compression.prune_vocab import prune_to_corpus_
 from compression.quantize import quantize
-from compression.train import finetune, resolve_precision, training_indices
+from compression.train import finetune, resolve_precision, training_indices, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,16 @@ def build_variants(
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)
 
+    def recovery_set():
+        """The rows a pruning stage recovers on: `profile.recovery`'s seeded slice of train, or of the student's
+        own rows (train's, then the augmented sentences)."""
+        if profile.recovery_from == "train":
+            return soft_rows(train_s, recovery_rows)
+        pool = soft_rows(train_s, student_rows)
+        if augmented is not None:
+            pool = concatenate_datasets([pool, augmented.cast(pool.features)])
+        return training_rows(pool, profile.recovery)
+
     # the pruning stages: each scores a copy of its parent on labelled training batches, cuts it, then recovers it
     # by a short distillation from the teacher's cached logits
     def scoring_batches(config):
@@ -282,14 +292,16 @@ def build_variants(
         """(cache key, model) of a stage that cuts a copy of `parent` in place (`cut`) and recovers it. The key is
         the parent's, `identity` (the stage name and its config) and the recovery's."""
         key = cache.cache_key(
-            {"from": parent_key, **identity, "targets": STUDENT_TARGETS, "recovery": profile.recovery}
+            {"from": parent_key, **identity, "targets": STUDENT_TARGETS, "recovery": profile.recovery,
+             # named only when not the default, so the caches of profiles that recover on train stay valid
+             **({"recovery_from": profile.recovery_from} if profile.recovery_from != "train" else {})}
         )
 
         def build(folder: Path):
             model = copy.deepcopy(parent)
             cut(model)
             progress(f"recovering the {name.replace('_', ' ')} by distillation")
-            distill(None, model, s_tokenizer, soft_rows(train_s, recovery_rows), profile.distill, profile.recovery)
+            distill(None, model, s_tokenizer, recovery_set(), profile.distill, profile.recovery)
             save_classifier(model, s_tokenizer, folder)
 
         return key, _timed_cached(root, name, key, build, load_fp32, stages)

@@ -3,7 +3,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compression.augment import AugmentConfig, augment, neighbour_table, whole_sentences, word_neighbours
+from compression.augment import (
+    AugmentConfig,
+    augment,
+    augment_with_sources,
+    augmented_sentences,
+    augmented_with_sources,
+    neighbour_table,
+    whole_sentences,
+    word_neighbours,
+)
 
 
 def test_whole_sentences_are_the_rows_no_longer_row_contains():
@@ -58,6 +67,32 @@ def test_augment_properties(sentences, copies, p, seed):
         assert " ".join(source.split()) not in own and len(set(own)) == len(own)
     for sentence in new:  # every word is a source word or a neighbour: nothing invented
         assert set(sentence.split()) <= {w for s in sentences for w in s.split()} | {"a", "b", "c"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(sentences=st.lists(st.text("abc ", min_size=1, max_size=20), max_size=6), copies=st.integers(1, 6),
+       p=st.floats(0.05, 1.0), seed=st.integers(0, 100))
+def test_each_new_sentence_names_the_sentence_it_grew_from(sentences, copies, p, seed):
+    neighbours = {"a": ["b"], "b": ["c", "a"]}
+    config = AugmentConfig(copies=copies, replace_prob=p, seed=seed)
+    grown = augment_with_sources(sentences, neighbours, config)
+    assert [new for _, new in grown] == augment(sentences, neighbours, config)  # the same sentences, same order
+    assert [i for i, _ in grown] == sorted(i for i, _ in grown)
+    for source, new in grown:  # a swap keeps the word count, and every word is its source's or a neighbour
+        words, own = new.split(), sentences[source].split()
+        assert len(words) == len(own)
+        assert all(w == o or w in neighbours.get(o, []) for w, o in zip(words, own))
+
+
+def test_augmented_sources_index_the_callers_rows_not_the_whole_sentences():
+    rows = ["good fun", "a good film about fun", "good film", "bad", "a bad film about fun"]
+    vocab = {"good": 0, "bad": 1, "film": 2, "fun": 3, "about": 4, "movie": 5}
+    emb = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [0.0, -1.0], [0.1, 1.0]])
+    config = AugmentConfig(copies=4, replace_prob=1.0, min_words=3, seed=1)
+    grown = augmented_with_sources(rows, emb, vocab, config)
+    assert [new for _, new in grown] == augmented_sentences(rows, emb, vocab, config)
+    assert {i for i, _ in grown} <= {1, 4}  # the two whole sentences of 3+ words, as rows of `rows`
+    assert all(len(new.split()) == len(rows[i].split()) for i, new in grown)
 
 
 @pytest.mark.parametrize("bad", [{"copies": 0}, {"replace_prob": 0.0}, {"replace_prob": 1.5}, {"neighbours": 0},

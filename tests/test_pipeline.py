@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from compression.artifacts import size_mb
 from compression.data import tokenize
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(("field", "value"), [("pooling", "max"), ("latency_examples", 0), ("warmup", -1),
-                                              ("logits_batch_size", 0)])
+                                              ("logits_batch_size", 0), ("recovery_from", "validation")])
 def test_profile_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         Profile("x", **{field: value})
@@ -172,6 +173,42 @@ def test_augmented_sentences_join_the_students_rows_only(job, monkeypatch):
     seen.clear()
     build_variants(augmented, *rest)  # everything from the cache: nothing trains again
     assert seen == []
+
+
+def test_recovery_from_the_students_rows_draws_augmented_sentences_too(job, monkeypatch):
+    """`recovery_from="student"`: both pruning stages recover on the student's own rows (train's share, then the
+    augmented sentences, with their teacher logits); the student is the same cache entry, every stage after it
+    gets a key of its own."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from compression import pipeline
+    from compression.augment import AugmentConfig
+
+    args, _ = job
+    profile, *rest = args
+    augmented = dataclasses.replace(profile, augment=AugmentConfig(copies=2, min_words=2))
+    before = build_variants(augmented, *rest)  # cached by the test above, or built here
+    (entry,) = [p for p in rest[2].iterdir() if p.name.startswith("augmented-")]
+    new_sentences = json.loads((entry / "sentences.json").read_text())
+    new_logits = load_file(entry / "logits.safetensors")["logits"]
+    seen = []
+    real = pipeline.distill
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: (seen.append(a[3]), real(*a, **k))[1])
+    # every row of the pool (max_rows=None), so the count tells exactly which rows the recoveries read
+    recovering = dataclasses.replace(augmented, recovery_from="student",
+                                     recovery=dataclasses.replace(profile.recovery, max_rows=None))
+    built = build_variants(recovering, *rest)
+    assert len(seen) == 3  # the head and FFN recoveries, then the slim student's low-rank recovery
+    for rows in seen[:2]:
+        assert len(rows) == profile.student.max_rows + len(new_sentences)
+        soft = torch.tensor(rows["teacher_logits"])
+        assert torch.isfinite(soft).all()
+        assert torch.allclose(soft[-len(new_sentences):], new_logits)  # the augmented rows, with their targets
+    assert len(seen[2]) == profile.low_rank_recovery.max_rows  # the low-rank recovery still reads train alone
+    moved = {a.name for a, b in zip(before.variants, built.variants) if a.folder != b.folder}
+    assert moved == {n for n in NAMES if not n.startswith(("teacher", "student"))}
 
 
 def test_student_of_another_family_and_vocabulary(tmp_path, tiny_base_dir, tiny_mpnet_dir):
