@@ -184,7 +184,8 @@ def build_variants(
     del base_model
 
     # the teacher's logits over every row a student or a recovery trains on
-    student_rows, recovery_rows = _rows(len(train), profile.student), _rows(len(train), profile.recovery)
+    student_rows = _rows(len(train), profile.student)
+    recovery_rows = _rows(len(train), profile.recovery) if profile.recovery_from == "train" else []
     low_rank_rows = _rows(len(train), profile.low_rank_recovery) if profile.low_rank is not None else []
     needed = sorted(set(student_rows) | set(recovery_rows) | set(low_rank_rows))
     logits_key = cache.cache_key(
@@ -245,6 +246,12 @@ def build_variants(
             return with_teacher_logits(rows, logits)
 
         augmented = _timed_cached(root, "augmented", augmented_key, build_augmented, load_augmented, stages)
+
+    def student_set():
+        """The student's own rows: its share of train, then the augmented sentences (each with teacher logits)."""
+        rows = soft_rows(train_s, student_rows)
+        return rows if augmented is None else concatenate_datasets([rows, augmented.cast(rows.features)])
+
     student_key = cache.cache_key(
         {"from": teacher_key, "stage": "student", "student": s_identity, "targets": STUDENT_TARGETS,
          "distill": profile.distill, "train": profile.student,
@@ -259,10 +266,7 @@ def build_variants(
         else:
             progress(f"distilling {profile.student_base} from the teacher's logits")
             student = student_base_model
-        rows = soft_rows(train_s, student_rows)
-        if augmented is not None:
-            rows = concatenate_datasets([rows, augmented.cast(rows.features)])
-        distill(None, student, s_tokenizer, rows, profile.distill, profile.student)
+        distill(None, student, s_tokenizer, student_set(), profile.distill, profile.student)
         save_classifier(student, s_tokenizer, folder)
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)
@@ -272,10 +276,7 @@ def build_variants(
         own rows (train's, then the augmented sentences)."""
         if profile.recovery_from == "train":
             return soft_rows(train_s, recovery_rows)
-        pool = soft_rows(train_s, student_rows)
-        if augmented is not None:
-            pool = concatenate_datasets([pool, augmented.cast(pool.features)])
-        return training_rows(pool, profile.recovery)
+        return training_rows(student_set(), profile.recovery)
 
     # the pruning stages: each scores a copy of its parent on labelled training batches, cuts it, then recovers it
     # by a short distillation from the teacher's cached logits

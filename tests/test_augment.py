@@ -91,7 +91,7 @@ def test_augmented_sources_index_the_callers_rows_not_the_whole_sentences():
     config = AugmentConfig(copies=4, replace_prob=1.0, min_words=3, seed=1)
     grown = augmented_with_sources(rows, emb, vocab, config)
     assert [new for _, new in grown] == augmented_sentences(rows, emb, vocab, config)
-    assert {i for i, _ in grown} <= {1, 4}  # the two whole sentences of 3+ words, as rows of `rows`
+    assert {i for i, _ in grown} == {1, 4}  # the two whole sentences of 3+ words, as rows of `rows`
     assert all(len(new.split()) == len(rows[i].split()) for i, new in grown)
 
 
