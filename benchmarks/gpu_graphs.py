@@ -5,12 +5,15 @@
 For each fp32 and bnb8 variant: the median batch-1 forward eager and behind `compression.graphs.GraphedClassifier`
 (inputs right-padded to 16/32/64/128 tokens), and how many validation sentences the graphed model classifies
 differently from the eager one (0 expected: padding is masked). Variants whose capture fails run eagerly, and the
-table says so. Without CUDA it runs the same code on the CPU, where the wrapper is the eager model (a dry run).
+table says so. Each fp32 variant is also measured as `_wo8`, the second 8-bit path (`compression.quant_wo8`: int8
+weight-only linears, once with each kernel), its flips counted against the fp32 model's eager predictions.
+Without CUDA it runs the same code on the CPU, where the wrapper is the eager model (a dry run).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 from benchmarks.conftest import build_suite
 from compression.graphs import GraphConfig, GraphedClassifier
 from compression.measure import latency, model_device, to_device
+from compression.quant_wo8 import Wo8Config, quantize_wo8_
 
 
 def main() -> None:
@@ -37,15 +41,27 @@ def main() -> None:
         if v.name.endswith("_int8"):  # ONNX Runtime on the CPU
             continue
         examples = suite.examples(v.name)
-        eager = latency(v.model, examples, warmup, repeats=args.repeats).median
-        graphed = GraphedClassifier(v.model, GraphConfig(), pad_token_id=v.tokenizer.pad_token_id or 0)
-        fast = latency(graphed, examples, warmup, repeats=args.repeats).median
+        pad = v.tokenizer.pad_token_id or 0
+        models = [(v.name, v.model)]
+        if getattr(v.model, "quantization", None) is None:  # fp32: also its int8 weight-only copies
+            models += [(f"{v.name}_wo8 ({kernel})", quantize_wo8_(copy.deepcopy(v.model), Wo8Config(kernel=kernel)))
+                       for kernel in ("int8pack", "dequant")]
         dev = model_device(v.model)
         with torch.inference_mode():
-            a = np.array([int(v.model(**to_device(e, dev)).logits.argmax()) for e in examples])
-            b = np.array([int(graphed(**to_device(e, dev)).logits.argmax()) for e in examples])
-        print(f"| {v.name} | {eager:.3f} | {fast:.3f} | {eager / fast:.2f}x | {len(graphed.graphs)} "
-              f"| {int((a != b).sum())} |", flush=True)
+            reference = np.array([int(v.model(**to_device(e, dev)).logits.argmax()) for e in examples])
+        for name, model in models:
+            try:
+                eager = latency(model, examples, warmup, repeats=args.repeats).median
+            except (RuntimeError, NotImplementedError) as error:  # e.g. no fused int8 kernel on this device
+                print(f"| {name} | {str(error).splitlines()[0][:60]} | | | | |", flush=True)
+                continue
+            graphed = GraphedClassifier(model, GraphConfig(), pad_token_id=pad)
+            fast = latency(graphed, examples, warmup, repeats=args.repeats).median
+            with torch.inference_mode():
+                flips = int((np.array([int(graphed(**to_device(e, dev)).logits.argmax()) for e in examples])
+                             != reference).sum())
+            print(f"| {name} | {eager:.3f} | {fast:.3f} | {eager / fast:.2f}x | {len(graphed.graphs)} | {flips} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

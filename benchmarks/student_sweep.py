@@ -44,28 +44,32 @@ from compression.artifacts import load_classifier, save_classifier
 from compression.augment import AugmentConfig, augmented_sentences, augmented_with_sources, sentence_rows
 from compression.bases import MINILM, resolve_base
 from compression.data import batches, load_sst2, tokenize
-from compression.distill import DistillConfig, distill, teacher_logits, with_teacher_logits
+from compression.distill import DistillConfig, distill, teacher_outputs, with_feature_rows, with_teacher_logits
 from compression.measure import accuracy, predict
 from compression.models import load_base
 from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
 from compression.train import TrainConfig, bf16_supported, training_rows
 
 
-def cached_logits(path: Path, teacher_dir: str, sentences: list[str], batch_size: int) -> torch.Tensor:
-    """[N, 2] teacher logits over `sentences`, from `path` when it holds them, else computed and saved there."""
+def cached_teacher(path: Path, teacher_dir: str, sentences: list[str], batch_size: int, what: str = "logits"
+                   ) -> torch.Tensor:
+    """The teacher's `what` over `sentences`: "logits" [N, 2] or "pooled" vectors [N, H] (`teacher_outputs`), from
+    `path` when it holds them, else computed and saved there."""
     if path.exists():
-        logits = load_file(path)["logits"]
-        if len(logits) == len(sentences):
-            return logits
+        saved = load_file(path)[what]
+        if len(saved) == len(sentences):
+            return saved
     teacher, tokenizer = load_classifier(teacher_dir)
     ds = tokenize(sentence_rows(sentences), tokenizer)
     start = time.perf_counter()
-    logits = teacher_logits(teacher, ds, tokenizer, batch_size, bf16=bf16_supported(True))
-    print(f"teacher logits over {len(sentences):,} sentences: {time.perf_counter() - start:.0f} s", flush=True)
+    logits, pooled = teacher_outputs(teacher, ds, tokenizer, batch_size, bf16=bf16_supported(True),
+                                     features=what == "pooled")
+    out = {"logits": logits, "pooled": pooled}[what]
+    print(f"teacher {what} over {len(sentences):,} sentences: {time.perf_counter() - start:.0f} s", flush=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"logits": logits}, tmp)
+    save_file({what: out}, tmp)
     tmp.replace(path)
-    return logits
+    return out
 
 
 def reused_augmented(folder: Path, full_sentences: list[str], kept_rows: list[int], table: torch.Tensor,
@@ -85,10 +89,12 @@ def reused_augmented(folder: Path, full_sentences: list[str], kept_rows: list[in
 
 
 def polish(student, train_s, rows_by_source: dict, held_s, tokenizer, distill_config: DistillConfig, lr: float,
-           sizes: list[int], seed: int, label: str, prune: bool, uncut: bool = True) -> None:
+           sizes: list[int], seed: int, label: str, prune: bool, uncut: bool = True,
+           features: torch.Tensor | None = None) -> None:
     """Print held-out accuracy of copies of `student` continued for one epoch on each of `sizes` seeded rows of
     each of `rows_by_source` ({name: rows}): as it is (when `uncut`) and (when `prune`) with the pipeline's share
-    of heads removed first, scored on rows of train (`train_s`) as the pipeline scores them."""
+    of heads removed first, scored on rows of train (`train_s`) as the pipeline scores them. `features`: the
+    teacher's pooled vectors the rows' feature_row indexes, for a recipe with the feature term."""
     cuts = ([("polish", False)] if uncut else []) + ([("prune + polish", True)] if prune else [])
     for (name, cut), (source, rows), n in itertools.product(cuts, rows_by_source.items(), sizes):
         config = TrainConfig(learning_rate=lr, epochs=1.0, max_rows=n, seed=seed)
@@ -104,7 +110,7 @@ def polish(student, train_s, rows_by_source: dict, held_s, tokenizer, distill_co
             acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
             print(f"{label} {name}: held-out accuracy {acc:.2f}% after the cut", flush=True)
         start = time.perf_counter()
-        distill(None, model, tokenizer, training_rows(rows, config), distill_config, config)
+        distill(None, model, tokenizer, training_rows(rows, config), distill_config, config, features=features)
         acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
         print(f"{label} {name} ({n:,} rows of {source}, lr {lr:g}): held-out accuracy "
               f"{acc:.2f}% ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -123,6 +129,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[8e-5])
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--augment", type=int, nargs="+", default=[0], help="copies per whole sentence (0: none)")
+    parser.add_argument("--feature-weight", type=float, nargs="+", default=[0.0], help="weight of the pooled-vector "
+                        "term (cosine distance to the teacher's mean-pooled last layer; 0: logits alone)")
     parser.add_argument("--holdout", type=int, default=2000, help="whole train sentences held out for choosing")
     parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
     parser.add_argument("--seed", type=int, default=42)
@@ -141,7 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.load and not (args.load / "config.json").is_file():
         parser.error(f"--load {args.load}: no saved student there (config.json missing)")
-    if args.load and len(list(itertools.product(args.augment, args.alpha, args.temperature, args.lr))) != 1:
+    if args.load and len(list(itertools.product(args.augment, args.alpha, args.temperature, args.lr,
+                                                 args.feature_weight))) != 1:
         parser.error("--load takes the one recipe its student was trained with: give one value per option")
     if args.augmented_cache and not (args.augmented_cache / "sentences.json").is_file():
         parser.error(f"--augmented-cache {args.augmented_cache}: no sentences.json there")
@@ -159,7 +168,7 @@ def main() -> None:
         logits = load_file(args.train_logits)["logits"][torch.tensor(train["row"])]
     else:
         name = f"{Path(args.teacher).name}-train-{args.holdout}-{args.seed}.safetensors"
-        logits = cached_logits(args.out / name, args.teacher, train["sentence"], 128)
+        logits = cached_teacher(args.out / name, args.teacher, train["sentence"], 128)
     train_rows = train["row"]
     train = train.remove_columns("row")
 
@@ -169,6 +178,7 @@ def main() -> None:
     train_s = with_teacher_logits(tokenize(train, s_tokenizer), logits)
     table = base.get_input_embeddings().weight.detach()  # the swaps' neighbours: the student's own word pieces
     with_copies = {0: train_s}
+    texts = {0: []}  # each row set's augmented sentences, after train's (the order of its pooled vectors)
     for copies in sorted(set(args.augment) - {0}):
         config = AugmentConfig(copies=copies, seed=args.seed)
         if args.augmented_cache:
@@ -177,15 +187,28 @@ def main() -> None:
         else:
             new = augmented_sentences(train["sentence"], table, s_tokenizer.get_vocab(), config)
             name = f"{Path(args.teacher).name}-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
-            new_logits = cached_logits(args.out / name, args.teacher, new, 128)
+            new_logits = cached_teacher(args.out / name, args.teacher, new, 128)
         extra = tokenize(sentence_rows(new, new_logits.argmax(-1).tolist()), s_tokenizer)
         extra = with_teacher_logits(extra, new_logits).cast(train_s.features)
         with_copies[copies] = datasets.concatenate_datasets([train_s, extra])
+        texts[copies] = new
         print(f"augment {copies}: {len(new):,} new sentences", flush=True)
+    features = {}
+    if any(w > 0 for w in args.feature_weight):  # the teacher's pooled vectors: train's rows, then each set's copies
+        name = f"{Path(args.teacher).name}-pooled-train-{args.holdout}-{args.seed}.safetensors"
+        pooled_train = cached_teacher(args.out / name, args.teacher, train["sentence"], 128, "pooled")
+        for copies in with_copies:
+            name = f"{Path(args.teacher).name}-pooled-augment-{copies}-{args.holdout}-{args.seed}.safetensors"
+            extra = (cached_teacher(args.out / name, args.teacher, texts[copies], 128, "pooled")
+                     if texts[copies] else None)
+            features[copies] = pooled_train if extra is None else torch.cat([pooled_train, extra])
+            with_copies[copies] = with_feature_rows(with_copies[copies])
     rows = []
-    for copies, alpha, temperature, lr in itertools.product(args.augment, args.alpha, args.temperature, args.lr):
+    for copies, alpha, temperature, lr, weight in itertools.product(args.augment, args.alpha, args.temperature,
+                                                                     args.lr, args.feature_weight):
         rows_s = with_copies[copies]
-        label = f"augment={copies} alpha={alpha:g} T={temperature:g} lr={lr:g} epochs={args.epochs:g}"
+        label = (f"augment={copies} alpha={alpha:g} T={temperature:g} lr={lr:g} epochs={args.epochs:g}"
+                 f"{f' features={weight:g}' if weight else ''}")
         train_config = TrainConfig(learning_rate=lr, epochs=args.epochs, seed=args.seed)
         start = time.perf_counter()
         if args.load:  # a student this recipe trained before (--save): only the polish passes run
@@ -194,25 +217,28 @@ def main() -> None:
         else:
             torch.manual_seed(train_config.seed)
             student, _ = load_base(student_name, pooling="mean")
-            distill(None, student, s_tokenizer, rows_s, DistillConfig(temperature=temperature, alpha=alpha),
-                    train_config, callbacks=[HeldOutEachEpoch(held_s, s_tokenizer, label)])
+            distill(None, student, s_tokenizer, rows_s,
+                    DistillConfig(temperature=temperature, alpha=alpha, feature_weight=weight), train_config,
+                    callbacks=[HeldOutEachEpoch(held_s, s_tokenizer, label)], features=features.get(copies))
         seconds = time.perf_counter() - start
         acc = accuracy(predict(student, held_s, s_tokenizer), held_s["labels"])
-        rows.append((copies, alpha, temperature, lr, len(rows_s), acc, seconds))
+        rows.append((copies, alpha, temperature, lr, weight, len(rows_s), acc, seconds))
         print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
         if args.save and not args.load:
-            folder = args.save / f"augment{copies}-alpha{alpha:g}-T{temperature:g}-lr{lr:g}-epochs{args.epochs:g}"
+            folder = args.save / (f"augment{copies}-alpha{alpha:g}-T{temperature:g}-lr{lr:g}-epochs{args.epochs:g}"
+                                  f"{f'-features{weight:g}' if weight else ''}")
             save_classifier(student, s_tokenizer, folder)
             print(f"saved to {folder}", flush=True)
         if args.polish:
-            sources = {"train": train_s, "student": rows_s}
+            sources = {"train": with_copies[0], "student": rows_s}  # with their feature rows when there are any
             polish(student, train_s, {k: sources[k] for k in args.polish_from}, held_s, s_tokenizer,
-                   DistillConfig(temperature=temperature, alpha=alpha), args.polish_lr, args.polish, args.seed,
-                   label, args.polish_prune or args.polish_prune_only, uncut=not args.polish_prune_only)
-    print("\n| augment copies | alpha | T | lr | epochs | rows | held-out acc (%) | train time (s) |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for copies, alpha, temperature, lr, n, acc, seconds in sorted(rows, key=lambda r: -r[5]):
-        print(f"| {copies} | {alpha:g} | {temperature:g} | {lr:g} | {args.epochs:g} | {n:,} | {acc:.2f} "
+                   DistillConfig(temperature=temperature, alpha=alpha, feature_weight=weight), args.polish_lr,
+                   args.polish, args.seed, label, args.polish_prune or args.polish_prune_only,
+                   uncut=not args.polish_prune_only, features=features.get(copies))
+    print("\n| augment copies | alpha | T | lr | feature weight | epochs | rows | held-out acc (%) | train time (s) |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for copies, alpha, temperature, lr, weight, n, acc, seconds in sorted(rows, key=lambda r: -r[6]):
+        print(f"| {copies} | {alpha:g} | {temperature:g} | {lr:g} | {weight:g} | {args.epochs:g} | {n:,} | {acc:.2f} "
               f"| {seconds:.0f} |")
 
 

@@ -44,3 +44,30 @@ def test_an_entry_grown_another_way_is_refused_naming_the_folder(cache_entry):
     folder, _, _ = cache_entry
     with pytest.raises(SystemExit, match="--augmented-cache .*not 4 copies"):
         reused_augmented(folder, ROWS, [0], TABLE, VOCAB, AugmentConfig(copies=4, replace_prob=1.0, min_words=3))
+
+
+def test_teacher_outputs_are_computed_once_per_file(tmp_path, tiny_mean_model_session, tiny_tokenizer, monkeypatch):
+    """`cached_teacher` saves the teacher's logits or pooled vectors beside the sweep and reads them back after."""
+    from benchmarks import student_sweep
+    from compression.artifacts import save_classifier
+    from compression.augment import sentence_rows
+    from compression.data import tokenize
+    from compression.distill import teacher_outputs
+    from compression.train import bf16_supported
+    from conftest import make_sentences
+
+    save_classifier(tiny_mean_model_session, tiny_tokenizer, tmp_path / "teacher")
+    sentences = [s for s, _ in make_sentences(10, seed=3)]
+    logits = student_sweep.cached_teacher(tmp_path / "l.safetensors", str(tmp_path / "teacher"), sentences, 4)
+    pooled = student_sweep.cached_teacher(tmp_path / "p.safetensors", str(tmp_path / "teacher"), sentences, 4,
+                                          "pooled")
+    assert logits.shape == (10, 2) and pooled.shape == (10, 32)
+    ds = tokenize(sentence_rows(sentences), tiny_tokenizer)
+    direct = teacher_outputs(tiny_mean_model_session, ds, tiny_tokenizer, 4, bf16=bf16_supported(True), features=True)
+    assert torch.equal(logits, direct[0]) and torch.equal(pooled, direct[1])  # each file holds what it is named for
+    monkeypatch.setattr(student_sweep, "teacher_outputs", lambda *a, **k: pytest.fail("computed again"))
+    assert torch.equal(student_sweep.cached_teacher(tmp_path / "p.safetensors", str(tmp_path / "teacher"),
+                                                    sentences, 4, "pooled"), pooled)
+    with pytest.raises(pytest.fail.Exception):  # another set of sentences is not served from that file
+        student_sweep.cached_teacher(tmp_path / "p.safetensors", str(tmp_path / "teacher"), sentences[:5], 4,
+                                     "pooled")

@@ -47,12 +47,19 @@ def default_root() -> Path:
     return Path(xdg) / "model-compression"
 
 
+# Field metadata for a config field added after caches were made: at its default the field is left out of keys,
+# so every entry made before it existed keeps its key (it was made with that default).
+OMIT_DEFAULT = "cache_key_omits_default"
+
+
 def cache_key(parts: dict) -> str:
-    """A short stable hash of a JSON-able description (dataclasses are expanded)."""
+    """A short stable hash of a JSON-able description (dataclasses are expanded, but fields marked
+    `OMIT_DEFAULT` that hold their default are left out)."""
 
     def plain(obj):
         if dataclasses.is_dataclass(obj):
-            return dataclasses.asdict(obj)
+            return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+                    if not (f.metadata.get(OMIT_DEFAULT) and getattr(obj, f.name) == f.default)}
         raise TypeError(f"cannot hash {type(obj).__name__} into a cache key")
 
     text = json.dumps(parts, sort_keys=True, default=plain)

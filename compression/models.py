@@ -35,6 +35,12 @@ POOLINGS = ("cls", "mean")
 POOLING_KEY = "compression_pooling"  # config.json attribute naming a mean-pooled classifier
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean over real tokens: hidden [B, T, H], attention_mask [B, T] -> [B, H] (a row with none: zeros)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class _MeanPool:
     """Mixin: read the attention-masked mean of the last hidden states with one linear layer, not [CLS].
 
@@ -59,8 +65,7 @@ class _MeanPool:
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = getattr(self, self.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # [B, T, 1]
-        pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
+        pooled = masked_mean(out.last_hidden_state, attention_mask)  # [B, H]
         logits = self.classifier(self.dropout(pooled))  # [B, C]
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(

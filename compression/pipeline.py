@@ -29,7 +29,7 @@ from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.augment import augmented_sentences, sentence_rows
 from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
-from compression.distill import distill, make_student, teacher_logits, with_teacher_logits
+from compression.distill import distill, make_student, teacher_outputs, with_feature_rows, with_teacher_logits
 from compression.low_rank import factorize_embeddings_, saves
 from compression.measure import check_label_order
 from compression.models import count_parameters, layout_for, load_base, load_finetuned
@@ -188,24 +188,35 @@ def build_variants(
     recovery_rows = _rows(len(train), profile.recovery) if profile.recovery_from == "train" else []
     low_rank_rows = _rows(len(train), profile.low_rank_recovery) if profile.low_rank is not None else []
     needed = sorted(set(student_rows) | set(recovery_rows) | set(low_rank_rows))
+    # With the feature term the same forward also keeps the teacher's pooled vectors ("pooled" beside "logits");
+    # named in the keys only then, so the logits cached without them stay valid.
+    want_features = profile.distill.feature_weight > 0
+    with_pooled = {"pooled": True} if want_features else {}
     logits_key = cache.cache_key(
         {"from": teacher_key, "stage": "teacher_logits", "rows": _digest(needed), "bf16": profile.teacher.bf16,
-         "batch_size": profile.logits_batch_size}
+         "batch_size": profile.logits_batch_size, **with_pooled}
     )
 
     def build_logits(folder: Path):
-        progress(f"computing the teacher's logits over {len(needed):,} training rows")
-        part = teacher_logits(teacher, train_t.select(needed), tokenizer, profile.logits_batch_size,
-                              profile.teacher.bf16)
-        full = torch.full((len(train), part.shape[1]), float("nan"))
-        full[torch.tensor(needed)] = part
-        save_file({"logits": full}, folder / "logits.safetensors")
+        what = "logits and pooled vectors" if want_features else "logits"
+        progress(f"computing the teacher's {what} over {len(needed):,} training rows")
+        outputs = teacher_outputs(teacher, train_t.select(needed), tokenizer, profile.logits_batch_size,
+                                  profile.teacher.bf16, features=want_features)
+        tensors = {}
+        for name, part in zip(("logits", "pooled"), outputs):
+            if part is not None:  # rows no stage reads stay NaN
+                tensors[name] = torch.full((len(train), part.shape[1]), float("nan"))
+                tensors[name][torch.tensor(needed)] = part
+        save_file(tensors, folder / "logits.safetensors")
 
-    logits = _timed_cached(root, "teacher_logits", logits_key, build_logits,
-                           lambda folder: load_file(folder / "logits.safetensors")["logits"], stages)
+    outputs = _timed_cached(root, "teacher_logits", logits_key, build_logits,
+                            lambda folder: load_file(folder / "logits.safetensors"), stages)
+    logits = outputs["logits"]  # [len(train), C]
+    pooled_rows = [outputs["pooled"]] if want_features else []  # [len(train), H], then the augmented sentences'
 
     def soft_rows(ds, index: list[int]):
-        return with_teacher_logits(ds.select(index), logits[torch.tensor(index)])
+        rows = with_teacher_logits(ds.select(index), logits[torch.tensor(index)])
+        return with_feature_rows(rows, index) if want_features else rows  # train's row i: pooled vector i
 
     # student: cut from the teacher (same tokenizer), or its own base (its own tokenizer)
     if profile.student_base is None:
@@ -224,7 +235,8 @@ def build_variants(
     if profile.augment is not None:
         augmented_key = cache.cache_key(
             {"from": teacher_key, "stage": "augmented", "augment": profile.augment, "rows": _digest(student_rows),
-             "words": s_identity, "bf16": profile.teacher.bf16, "batch_size": profile.logits_batch_size}
+             "words": s_identity, "bf16": profile.teacher.bf16, "batch_size": profile.logits_batch_size,
+             **with_pooled}
         )
 
         def build_augmented(folder: Path):
@@ -232,20 +244,33 @@ def build_variants(
             sentences = augmented_sentences([train["sentence"][i] for i in student_rows],
                                             words_from.get_input_embeddings().weight.detach(), s_tokenizer.get_vocab(),
                                             profile.augment)
-            progress(f"computing the teacher's logits over {len(sentences):,} augmented sentences")
+            progress(f"computing the teacher's {'logits and pooled vectors' if want_features else 'logits'} over "
+                     f"{len(sentences):,} augmented sentences")
             rows = tokenize(sentence_rows(sentences), tokenizer, profile.teacher.max_length)
-            save_file({"logits": teacher_logits(teacher, rows, tokenizer, profile.logits_batch_size,
-                                                profile.teacher.bf16)}, folder / "logits.safetensors")
+            logits, pooled = teacher_outputs(teacher, rows, tokenizer, profile.logits_batch_size, profile.teacher.bf16,
+                                             features=want_features)
+            save_file({"logits": logits, **({"pooled": pooled} if want_features else {})},
+                      folder / "logits.safetensors")
             (folder / "sentences.json").write_text(json.dumps(sentences))
 
         def load_augmented(folder: Path):
             sentences = json.loads((folder / "sentences.json").read_text())
-            logits = load_file(folder / "logits.safetensors")["logits"]  # [N, C]
+            saved = load_file(folder / "logits.safetensors")
+            logits = saved["logits"]  # [N, C]
             # the teacher's choice is each new sentence's label (the labels' term of the loss)
-            rows = tokenize(sentence_rows(sentences, logits.argmax(-1).tolist()), s_tokenizer, s_max_length)
-            return with_teacher_logits(rows, logits)
+            rows = with_teacher_logits(
+                tokenize(sentence_rows(sentences, logits.argmax(-1).tolist()), s_tokenizer, s_max_length), logits
+            )
+            if not want_features:
+                return rows, None
+            # the augmented sentence j's pooled vector follows train's: row len(train) + j
+            return with_feature_rows(rows, range(len(train), len(train) + len(rows))), saved["pooled"]
 
-        augmented = _timed_cached(root, "augmented", augmented_key, build_augmented, load_augmented, stages)
+        augmented, augmented_pooled = _timed_cached(root, "augmented", augmented_key, build_augmented,
+                                                    load_augmented, stages)
+        pooled_rows += [augmented_pooled] if want_features else []
+    # [len(train) + augmented, H]: the teacher's pooled vectors, indexed by the rows' feature_row (feature term)
+    features = torch.cat(pooled_rows) if want_features else None
 
     def student_set():
         """The student's own rows: its share of train, then the augmented sentences (each with teacher logits)."""
@@ -266,7 +291,7 @@ def build_variants(
         else:
             progress(f"distilling {profile.student_base} from the teacher's logits")
             student = student_base_model
-        distill(None, student, s_tokenizer, student_set(), profile.distill, profile.student)
+        distill(None, student, s_tokenizer, student_set(), profile.distill, profile.student, features=features)
         save_classifier(student, s_tokenizer, folder)
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)
@@ -302,7 +327,7 @@ def build_variants(
             model = copy.deepcopy(parent)
             cut(model)
             progress(f"recovering the {name.replace('_', ' ')} by distillation")
-            distill(None, model, s_tokenizer, recovery_set(), profile.distill, profile.recovery)
+            distill(None, model, s_tokenizer, recovery_set(), profile.distill, profile.recovery, features=features)
             save_classifier(model, s_tokenizer, folder)
 
         return key, _timed_cached(root, name, key, build, load_fp32, stages)
@@ -346,7 +371,7 @@ def build_variants(
             progress("recovering the slim student by distillation")
             train_v = tokenize(train, slim_tokenizer, s_max_length)  # the same tokens as train_s, renumbered
             distill(None, model, slim_tokenizer, soft_rows(train_v, low_rank_rows), profile.distill,
-                    profile.low_rank_recovery)
+                    profile.low_rank_recovery, features=features)
         save_classifier(model, slim_tokenizer, folder)
 
     def load_slim(folder: Path):

@@ -499,3 +499,30 @@ def test_default_root_home(monkeypatch, tmp_path, xdg):
         monkeypatch.setenv("XDG_CACHE_HOME", xdg)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_root() == tmp_path / ".cache" / "model-compression"
+
+
+def test_a_field_marked_omit_default_leaves_keys_as_they_were_until_set():
+    """A config field added later (metadata OMIT_DEFAULT) keeps every key made before it existed while it holds its
+    default, and moves the key once set; unmarked fields always count."""
+    import dataclasses
+
+    from compression.cache import OMIT_DEFAULT, cache_key
+
+    @dataclasses.dataclass(frozen=True)
+    class Before:
+        rate: float = 0.1
+
+    @dataclasses.dataclass(frozen=True)
+    class After:
+        rate: float = 0.1
+        extra: float = dataclasses.field(default=0.0, metadata={OMIT_DEFAULT: True})
+
+    @dataclasses.dataclass(frozen=True)
+    class Unmarked:
+        rate: float = 0.1
+        extra: float = 0.0
+
+    assert cache_key({"c": After()}) == cache_key({"c": Before()})
+    assert cache_key({"c": After(extra=1.0)}) != cache_key({"c": Before()})
+    assert cache_key({"c": Unmarked()}) != cache_key({"c": Before()})
+    assert cache_key({"c": [After(rate=0.2)]}) == cache_key({"c": [Before(rate=0.2)]})  # nested too

@@ -13,7 +13,22 @@ from hypothesis import strategies as st
 
 from conftest import make_sentences
 from compression.data import tokenize
-from compression.distill import DistillConfig, distill, distillation_loss, hidden_loss, layer_map, make_student
+from compression.distill import (
+    FEATURE_ROW,
+    PROJECTION,
+    DistillConfig,
+    distill,
+    distillation_loss,
+    feature_loss,
+    hidden_loss,
+    layer_map,
+    make_student,
+    teacher_logits,
+    teacher_outputs,
+    with_feature_rows,
+    with_teacher_logits,
+)
+from compression.models import masked_mean
 from compression.measure import model_device, to_device
 from compression.train import TrainConfig
 
@@ -119,7 +134,8 @@ def test_hidden_loss_is_zero_for_the_teachers_own_states_and_positive_otherwise(
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"num_layers": 0}, "num_layers"), ({"alpha": 1.5}, "alpha"), ({"hidden_weight": -1}, "hidden_weight")],
+    [({"num_layers": 0}, "num_layers"), ({"alpha": 1.5}, "alpha"), ({"hidden_weight": -1}, "hidden_weight"),
+     ({"feature_weight": -0.5}, "feature_weight"), ({"feature_weight": float("nan")}, "feature_weight")],
 )
 def test_distill_config_validates(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -150,3 +166,130 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model_session, 
     distill(teacher, student, tiny_tokenizer, train, config,
             TrainConfig(learning_rate=5e-3, epochs=3, batch_size=16, warmup_ratio=0.0))
     assert gap() < before * 0.7
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 6), ds=st.integers(1, 8), dt=st.integers(1, 8), seed=st.integers(0, 2**16),
+       scale=st.floats(0.01, 100))
+def test_feature_loss_is_a_scale_free_cosine_distance(b, ds, dt, seed, scale):
+    """In [0, 2]; 0 when the projection already points where the teacher does, whatever the teacher's scale."""
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = torch.randn(b, ds, generator=g), torch.randn(b, dt, generator=g)
+    projection = torch.nn.Linear(ds, dt)
+    loss = feature_loss(student, teacher, projection).item()
+    assert -1e-6 <= loss <= 2 + 1e-6
+    assert feature_loss(student, teacher * scale, projection).item() == pytest.approx(loss, abs=1e-5)
+    with torch.no_grad():
+        aligned = projection(student)
+    assert feature_loss(student, aligned * scale, projection).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_feature_loss_skips_rows_without_a_teacher_vector():
+    projection = torch.nn.Linear(3, 2)
+    student = torch.randn(4, 3)
+    with torch.no_grad():
+        target = projection(student)
+    target[1] = -target[1]  # the one wrong row, masked out below
+    present = torch.tensor([True, False, True, True])
+    assert feature_loss(student, target, projection, present).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_loss(student, target, projection).item() == pytest.approx(0.5, abs=1e-5)  # (0+2+0+0)/4
+    none = feature_loss(student, target, projection, torch.zeros(4, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad  # a batch of augmented rows alone still back-propagates
+
+
+def test_teacher_outputs_pool_the_last_layer_over_real_tokens(tiny_mean_model_session, tiny_tokenizer):
+    rows = make_sentences(20, seed=5)
+    ds = tokenize(datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}),
+                  tiny_tokenizer)
+    model = tiny_mean_model_session
+    logits, pooled = teacher_outputs(model, ds, tiny_tokenizer, batch_size=6, features=True)
+    assert torch.equal(logits, teacher_logits(model, ds, tiny_tokenizer, batch_size=6))
+    assert teacher_outputs(model, ds, tiny_tokenizer, batch_size=6)[1] is None
+    for i in (0, 7, 19):  # each row alone, unpadded, in the split's order
+        one = dict(tiny_tokenizer([rows[i][0]], return_tensors="pt"))
+        with torch.no_grad():
+            hidden = model(**one, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(pooled[i], masked_mean(hidden, one["attention_mask"])[0], atol=1e-5, rtol=1e-4)
+        # the mean-pooled classifier reads exactly this vector
+        with torch.no_grad():
+            torch.testing.assert_close(logits[i], model.classifier(pooled[i].clone()), atol=1e-5, rtol=1e-4)
+
+
+def test_masked_mean_ignores_padding():
+    hidden = torch.arange(12.0).view(1, 4, 3)
+    assert masked_mean(hidden, torch.tensor([[1, 1, 0, 0]])).tolist() == [[1.5, 2.5, 3.5]]
+    assert masked_mean(hidden, torch.tensor([[0, 0, 0, 0]])).tolist() == [[0.0, 0.0, 0.0]]
+
+
+def _feature_rows(tokenizer, n=48, seed=9):
+    rows = make_sentences(n, seed=seed)
+    ds = tokenize(datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}),
+                  tokenizer)
+    return with_feature_rows(with_teacher_logits(ds, torch.zeros(n, 2)))
+
+
+def test_distilling_with_features_aligns_the_students_pooled_vector_across_widths(tiny_mean_model_session,
+                                                                                    tiny_tokenizer):
+    """The teacher's vectors are wider than the student's (48 vs 32): the learnt projection bridges them and pulls
+    the student's own pooled vector towards them, which logits alone do not; the projection is gone afterwards."""
+    train = _feature_rows(tiny_tokenizer, n=160)
+    sentences = [s for s, _ in make_sentences(160, seed=9)]  # train's sentences, in its order
+    probe = dict(tiny_tokenizer(sentences, padding=True, return_tensors="pt"))
+    # the "teacher's" vectors, 48 wide: a fixed nonlinear function of each sentence's words
+    table = torch.randn(len(tiny_tokenizer), 48, generator=torch.Generator().manual_seed(7))
+    features = torch.stack([torch.tanh(table[tiny_tokenizer.convert_tokens_to_ids(s.split())].sum(0))
+                            for s in sentences])
+
+    def trained(weight):
+        student = copy.deepcopy(tiny_mean_model_session)
+        torch.manual_seed(0)
+        distill(None, student, tiny_tokenizer, train, DistillConfig(alpha=1.0, feature_weight=weight),
+                TrainConfig(learning_rate=1e-2, epochs=8, batch_size=16, warmup_ratio=0.0, bf16=False),
+                features=features)
+        return student
+
+    def misfit(student):  # the cosine distance left by the best linear map of its vectors onto the teacher's
+        with torch.no_grad():
+            s_out = student(**to_device(probe, model_device(student)), output_hidden_states=True)
+            vectors = masked_mean(s_out.hidden_states[-1], probe["attention_mask"].to(model_device(student))).cpu()
+        design = torch.cat([vectors, torch.ones(len(vectors), 1)], 1)
+        solution = torch.linalg.lstsq(design, features).solution
+        return (1 - F.cosine_similarity(design @ solution, features, dim=-1)).mean().item()
+
+    aligned, control = trained(1.0), trained(0.0)
+    assert not hasattr(aligned, PROJECTION)
+    assert not any(PROJECTION in name for name in aligned.state_dict())
+    assert misfit(aligned) < 0.7 * misfit(control)
+
+
+def test_feature_rows_without_a_vector_train_on_logits_alone(tiny_mean_model_session, tiny_tokenizer):
+    """Rows marked -1 (no teacher vector) leave the feature term out; with every row so marked the student learns
+    exactly what logits alone teach it (the projection takes no part)."""
+    train = _feature_rows(tiny_tokenizer)
+    optim = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=16, warmup_ratio=0.0, bf16=False)
+    plain, marked = copy.deepcopy(tiny_mean_model_session), copy.deepcopy(tiny_mean_model_session)
+    torch.manual_seed(0)
+    distill(None, plain, tiny_tokenizer, train, DistillConfig(alpha=1.0), optim)
+    torch.manual_seed(0)
+    torch.nn.Linear(32, 48)  # the projection's draw, so both runs see the same random stream afterwards
+    distill(None, marked, tiny_tokenizer, with_feature_rows(train, [-1] * len(train)),
+            DistillConfig(alpha=1.0, feature_weight=1.0), optim, features=torch.randn(len(train), 48))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), marked.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_feature_weight_needs_the_vectors_and_their_rows(tiny_mean_model_session, tiny_tokenizer):
+    train = _feature_rows(tiny_tokenizer, n=8)
+    config, optim = DistillConfig(feature_weight=1.0), TrainConfig(epochs=1, batch_size=4, bf16=False)
+    student = copy.deepcopy(tiny_mean_model_session)
+    with pytest.raises(ValueError, match="feature_weight"):
+        distill(None, student, tiny_tokenizer, train, config, optim)  # no vectors
+    with pytest.raises(ValueError, match=FEATURE_ROW):
+        distill(None, student, tiny_tokenizer, train.remove_columns(FEATURE_ROW), config, optim,
+                features=torch.zeros(8, 4))
+    bad = torch.zeros(8, 4)
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        distill(None, student, tiny_tokenizer, train, config, optim, features=bad)
+    with pytest.raises(ValueError, match="feature rows"):
+        with_feature_rows(train, [0, 1])

@@ -211,6 +211,68 @@ def test_recovery_from_the_students_rows_draws_augmented_sentences_too(job, monk
     assert moved == {n for n in NAMES if not n.startswith(("teacher", "student"))}
 
 
+def test_feature_term_reads_the_teachers_pooled_vectors_cached_with_its_logits(job, monkeypatch):
+    """`distill.feature_weight` > 0: the teacher's one pass over train and over the augmented sentences also keeps
+    its pooled vectors (new cache entries: those without them stay valid); the student and every recovery get
+    them, each row pointing at its own sentence's vector."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from compression import pipeline
+    from compression.augment import AugmentConfig
+    from compression.models import masked_mean
+
+    args, _ = job
+    profile, *rest = args
+    cache_root = rest[2]
+    plain = dataclasses.replace(profile, augment=AugmentConfig(copies=2, min_words=2))
+    before = build_variants(plain, *rest)  # cached by the tests above, or built here
+    old_entries = {p.name for p in cache_root.iterdir()}
+    calls = []
+    real = pipeline.distill
+    monkeypatch.setattr(pipeline, "distill",
+                        lambda *a, **k: (calls.append((a[3], k.get("features"))), real(*a, **k))[1])
+    featured = dataclasses.replace(plain, distill=dataclasses.replace(profile.distill, feature_weight=1.0))
+    built = build_variants(featured, *rest)
+
+    new_entries = {p.name for p in cache_root.iterdir()} - old_entries
+    (logits_entry,) = [n for n in new_entries if n.startswith("teacher_logits-")]
+    (augmented_entry,) = [n for n in new_entries if n.startswith("augmented-")]
+    saved = load_file(cache_root / logits_entry / "logits.safetensors")
+    same_rows = [old for old in (load_file(cache_root / n / "logits.safetensors")["logits"]
+                                 for n in old_entries if n.startswith("teacher_logits-"))
+                 if torch.equal(old.isnan(), saved["logits"].isnan())]
+    # the entry without vectors, over the same rows, is still there, with the same logits
+    assert any(torch.allclose(saved["logits"].nan_to_num(), old.nan_to_num()) for old in same_rows)
+    assert torch.equal(saved["pooled"].isnan().all(1), saved["logits"].isnan().all(1))  # a vector per row read
+    augmented_pooled = load_file(cache_root / augmented_entry / "logits.safetensors")["pooled"]
+    sentences = json.loads((cache_root / augmented_entry / "sentences.json").read_text())
+    train_sentences = [s for s, _ in make_sentences(96, seed=1)]
+    texts = train_sentences + sentences  # what each feature row was read from
+
+    by_name = {v.name: v for v in before.variants}
+    teacher, tokenizer = by_name["teacher"].model, by_name["teacher"].tokenizer
+
+    def pooled(text):
+        inputs = dict(tokenizer([text], return_tensors="pt"))
+        with torch.no_grad():
+            hidden = teacher(**inputs, output_hidden_states=True).hidden_states[-1]
+        return masked_mean(hidden, inputs["attention_mask"])[0]
+
+    assert len(calls) == 4  # the student, the head and FFN recoveries, the slim student's low-rank recovery
+    for rows, features in calls:
+        assert features is not None and features.shape == (96 + len(sentences), 32)
+        assert torch.equal(features[96:], augmented_pooled)
+        index = rows["feature_row"]
+        for i in (0, len(rows) // 2, len(rows) - 1):  # this row's vector is its own sentence's
+            assert torch.allclose(features[index[i]], pooled(texts[index[i]]), atol=1e-5)
+    assert sorted(calls[0][0]["feature_row"]) == sorted(pipeline._rows(96, profile.student)) + list(
+        range(96, 96 + len(sentences)))  # the student: its train rows, then every augmented sentence
+    moved = {a.name for a, b in zip(before.variants, built.variants) if a.folder != b.folder}
+    assert moved == {n for n in NAMES if not n.startswith("teacher")}
+
+
 def test_student_of_another_family_and_vocabulary(tmp_path, tiny_base_dir, tiny_mpnet_dir):
     """An MPNet teacher (its own vocabulary) distils into a BERT student that reads its own tokenization."""
     write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
