@@ -29,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="smoke", choices=["smoke", "minilm", "full"])
     parser.add_argument("--repeats", type=int, default=1, help="passes over the timed sentences per median")
+    parser.add_argument("--examples", type=int, default=None, help="time only the first N of the profile's timed "
+                        "sentences (a quick dry run on the CPU); default: all of them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,7 +42,7 @@ def main() -> None:
     for v in suite.run.variants:
         if v.name.endswith("_int8"):  # ONNX Runtime on the CPU
             continue
-        examples = suite.examples(v.name)
+        examples = suite.examples(v.name)[: args.examples]
         pad = v.tokenizer.pad_token_id or 0
         models = [(v.name, v.model)]
         if getattr(v.model, "quantization", None) is None:  # fp32: also its int8 weight-only copies

@@ -1,0 +1,33 @@
+"""benchmarks/gpu_graphs.py's table, run on the CPU with a tiny model in place of the profile's suite: every fp32
+variant gets a row and one `_wo8` row per kernel, the bnb8 and ONNX variants none of their own copies."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from types import SimpleNamespace
+
+from benchmarks import gpu_graphs
+from conftest import make_sentences
+from tests.test_quantize import informative_
+
+
+def test_dry_run_prints_each_fp32_variant_and_its_wo8_copies(monkeypatch, capsys, tiny_mean_model_session,
+                                                             tiny_tokenizer):
+    model = copy.deepcopy(tiny_mean_model_session)
+    informative_(model, tiny_tokenizer)  # logits far apart, so int8 weights flip none of four sentences
+    quantized = copy.deepcopy(model)
+    quantized.quantization = ("int8", None)  # stands for the ONNX variant: not timed here
+    examples = [dict(tiny_tokenizer([s], return_tensors="pt")) for s, _ in make_sentences(4, seed=4)]
+    variants = [SimpleNamespace(name="student", model=model, tokenizer=tiny_tokenizer),
+                SimpleNamespace(name="student_int8", model=quantized, tokenizer=tiny_tokenizer)]
+    suite = SimpleNamespace(run=SimpleNamespace(profile=SimpleNamespace(warmup=1), variants=variants),
+                            examples=lambda name: examples)
+    monkeypatch.setattr(gpu_graphs, "build_suite", lambda profile, device: suite)
+    monkeypatch.setattr(sys, "argv", ["gpu_graphs", "--examples", "3"])
+    gpu_graphs.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| student")]
+    assert [r[0].strip() for r in rows] == ["student", "student_wo8 (int8pack)", "student_wo8 (dequant)"]
+    for name, eager, graphed, speedup, graphs, flips in rows:
+        assert float(eager) > 0 and float(graphed) > 0 and graphs.strip() == "0"  # no CUDA: nothing captured
+        assert flips.strip() == "0"
