@@ -145,6 +145,35 @@ def make_sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return rows
 
 
+def informative_(model, tokenizer) -> list[str]:
+    """Make a tiny random classifier's logits tell sentences apart, as a trained one's do; in place.
+
+    At init (weights of std 0.02) the [CLS] model gives every sentence logits of about 0.01 that differ by 1e-4,
+    below one 8-bit activation step: int8 keeps nothing of what tells sentences apart, and a zero or constant
+    output passes any comparison with them. Encoder weights of std 0.1 (x5) make the sentences' features differ;
+    the classifier then reads their main direction of variation, centred on the median sentence, so that the
+    logits are of order 4 and both classes occur. Returns the 24 sentences that set the direction.
+    """
+    import torch
+
+    sentences = [s for s, _ in make_sentences(24, seed=4)]
+    features = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name and not name.startswith("classifier"):
+                p.mul_(5.0)
+        hook = model.classifier.register_forward_hook(lambda m, args, out: features.append(args[0]))
+        model(**tokenizer(sentences, padding=True, return_tensors="pt"))
+        hook.remove()
+        f = features[0]  # [N, H]
+        direction = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]  # [H]
+        direction *= 4.0 / (f @ direction).std()
+        middle = (f @ direction).median()
+        model.classifier.weight.copy_(torch.stack([-direction, direction]) / 2)  # logit 1 - logit 0 = f . direction
+        model.classifier.bias.copy_(torch.stack([middle, -middle]) / 2)
+    return sentences
+
+
 def write_tsv(path: Path, rows, header: str = "sentence\tlabel") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + "\n" + "".join(f"{s}\t{label}\n" for s, label in rows), encoding="utf-8")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from benchmarks import gpu_graphs
 from conftest import make_sentences
-from tests.test_quantize import informative_
+from conftest import informative_
 
 
 def test_dry_run_prints_each_fp32_variant_and_its_wo8_copies(monkeypatch, capsys, tiny_mean_model_session,

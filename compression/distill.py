@@ -2,7 +2,7 @@
 
 The student is either cut from the teacher (DistilBERT-style: its embeddings, classifier and an evenly spaced
 subset of its layers, with their weights; `make_student`) or another model altogether, with its own tokenizer.
-The teacher's logits over the training rows are computed once (`teacher_logits`) and travel with the student's
+The teacher's logits over the training rows are computed once (`teacher_outputs`) and travel with the student's
 rows as a `teacher_logits` column, so each model reads the sentences through its own tokenizer and no teacher
 forward runs per student epoch. Loss (Hinton et al. 2015; Sanh et al. 2019):
 
@@ -172,13 +172,6 @@ def teacher_outputs(
                 pooled_out = torch.empty(len(ds), pooled.shape[1])
             pooled_out[index] = pooled
     return logits_out, pooled_out
-
-
-def teacher_logits(
-    model: PreTrainedModel, ds: datasets.Dataset, tokenizer, batch_size: int = 128, bf16: bool = False
-) -> torch.Tensor:
-    """Logits [N, C] (fp32, CPU) of `model` over a tokenized split, in the split's order (`teacher_outputs`)."""
-    return teacher_outputs(model, ds, tokenizer, batch_size, bf16)[0]
 
 
 def with_teacher_logits(ds: datasets.Dataset, logits: torch.Tensor) -> datasets.Dataset:

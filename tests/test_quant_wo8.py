@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from compression.int8 import dequantize_rows, quantize_rows, snr_db, step
 from compression.models import count_parameters
 from compression.quant_wo8 import Int8WeightOnlyLinear, Wo8Config, int8_matmul, int8pack_works, quantize_wo8_
-from tests.test_quantize import informative_
+from conftest import informative_
 
 
 @settings(max_examples=60, deadline=None)
@@ -42,9 +42,20 @@ def test_int8_matmul_keeps_leading_dimensions_and_dtype():
         assert out.shape == (2, 3, 8) and out.dtype == torch.bfloat16
 
 
-def test_the_fused_kernel_is_probed_once_per_device_and_dtype():
-    assert int8pack_works("cpu", torch.float32)  # PyTorch has a CPU kernel: "auto" takes it here
-    assert int8pack_works.cache_info().currsize >= 1
+def test_auto_takes_the_fused_kernel_where_the_probe_passes_and_plain_ops_elsewhere(monkeypatch):
+    from compression import quant_wo8
+
+    x, (codes, absmax) = torch.randn(2, 16), quantize_rows(torch.randn(8, 16))
+    assert int8pack_works("cpu", torch.float32)  # PyTorch has a CPU kernel
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: (calls.append(1), real(*a))[1])
+    fused = int8_matmul(x, codes, absmax / 127, "auto")
+    assert len(calls) == 1  # the probe's answer was cached: only the product itself ran
+    monkeypatch.setattr(quant_wo8, "int8pack_works", lambda device, dtype: False)
+    plain = int8_matmul(x, codes, absmax / 127, "auto")
+    assert len(calls) == 1  # no fused kernel where the probe fails
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
 
 
 def test_layer_matches_its_linear_up_to_the_weights_rounding():

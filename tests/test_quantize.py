@@ -13,41 +13,13 @@ from compression.models import linear_layers
 from compression.prune import prune_heads_
 from compression.quant_onnx import OnnxClassifier
 from compression.quantize import Bnb8Config, Int8Config, backend_name, quantize, quantize_bnb8_
+from conftest import informative_
 
 # Floors for the tiny random model's logits against fp32. Int8 of weights alone sits near 40 dB; the dynamic
 # activation quantization of ONNX Runtime and LLM.int8's fp16 path cost some of that on random weights.
 SNR_FLOOR_DB = {"bnb8": 25.0, "int8": 20.0}
 
 CONFIGS = {"bnb8": Bnb8Config(), "int8": Int8Config(threads=1)}
-
-
-def informative_(model, tokenizer) -> list[str]:
-    """Make a tiny random classifier's logits tell sentences apart, as a trained one's do; in place.
-
-    At init (weights of std 0.02) the [CLS] model gives every sentence logits of about 0.01 that differ by 1e-4,
-    below one 8-bit activation step: int8 keeps nothing of what tells sentences apart, and a zero or constant
-    output passes any comparison with them. Encoder weights of std 0.1 (x5) make the sentences' features differ;
-    the classifier then reads their main direction of variation, centred on the median sentence, so that the
-    logits are of order 4 and both classes occur. Returns the 24 sentences that set the direction.
-    """
-    from conftest import make_sentences
-
-    sentences = [s for s, _ in make_sentences(24, seed=4)]
-    features = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embeddings" not in name and not name.startswith("classifier"):
-                p.mul_(5.0)
-        hook = model.classifier.register_forward_hook(lambda m, args, out: features.append(args[0]))
-        model(**tokenizer(sentences, padding=True, return_tensors="pt"))
-        hook.remove()
-        f = features[0]  # [N, H]
-        direction = torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]  # [H]
-        direction *= 4.0 / (f @ direction).std()
-        middle = (f @ direction).median()
-        model.classifier.weight.copy_(torch.stack([-direction, direction]) / 2)  # logit 1 - logit 0 = f . direction
-        model.classifier.bias.copy_(torch.stack([middle, -middle]) / 2)
-    return sentences
 
 
 @pytest.mark.parametrize("kind", ["bnb8", "int8"])
