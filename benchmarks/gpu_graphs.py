@@ -4,9 +4,11 @@
 
 For each fp32 and bnb8 variant: the median batch-1 forward eager and behind `compression.graphs.GraphedClassifier`
 (inputs right-padded to 16/32/64/128 tokens), and how many validation sentences the graphed model classifies
-differently from the eager one (0 expected: padding is masked). Variants whose capture fails run eagerly, and the
-table says so. Each fp32 variant is also measured as `_wo8`, the second 8-bit path (`compression.quant_wo8`: int8
-weight-only linears, once with each kernel), its flips counted against the fp32 model's eager predictions.
+differently from the eager one (0 expected: padding is masked), and the graphed model's throughput at batch 32
+over all of validation (length-sorted batches, as `compress run` measures it). Variants whose capture fails run
+eagerly, and the table says so. Each fp32 variant is also measured as `_wo8`, the second 8-bit path (`compression.quant_wo8`: int8
+weight-only linears, once with each kernel) and as LLM.int8 at threshold 0 (no outlier decomposition: the form of
+bnb8 a graph can hold), their flips counted against the fp32 model's eager predictions.
 Without CUDA it runs the same code on the CPU, where the wrapper is the eager model (a dry run).
 """
 
@@ -20,8 +22,9 @@ import numpy as np
 import torch
 
 from benchmarks.conftest import build_suite
-from compression.graphs import GraphConfig, GraphedClassifier
-from compression.measure import latency, model_device, to_device
+from compression.graphs import SERVING, GraphedClassifier
+from compression.measure import latency, model_device, throughput, to_device
+from compression.quant_bnb8 import Bnb8Config, quantize_bnb8_
 from compression.quant_wo8 import Wo8Config, quantize_wo8_
 
 
@@ -31,23 +34,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="passes over the timed sentences per median")
     parser.add_argument("--examples", type=int, default=None, help="time only the first N of the profile's timed "
                         "sentences (a quick dry run on the CPU); default: all of them")
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false",
+                        help="skip the batch-32 column (a quicker dry run on the CPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     suite = build_suite(args.profile, device)
     warmup = suite.run.profile.warmup
     print(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu (dry run: no graphs)'}")
-    print("| variant | eager ms | graphed ms | speed-up | graphs | flips vs eager |")
-    print("|:--|--:|--:|--:|--:|--:|")
+    print("| variant | eager ms | graphed ms | speed-up | graphs | flips vs eager | batch 32 /s |")
+    print("|:--|--:|--:|--:|--:|--:|--:|")
     for v in suite.run.variants:
         if v.name.endswith("_int8"):  # ONNX Runtime on the CPU
             continue
         examples = suite.examples(v.name)[: args.examples]
         pad = v.tokenizer.pad_token_id or 0
         models = [(v.name, v.model)]
-        if getattr(v.model, "quantization", None) is None:  # fp32: also its int8 weight-only copies
+        if getattr(v.model, "quantization", None) is None:
+            # fp32: also its int8 weight-only copies, and LLM.int8 without the outlier decomposition (capturable)
             models += [(f"{v.name}_wo8 ({kernel})", quantize_wo8_(copy.deepcopy(v.model), Wo8Config(kernel=kernel)))
                        for kernel in ("int8pack", "dequant")]
+            models.append((f"{v.name}_bnb8 (threshold 0)",
+                           quantize_bnb8_(copy.deepcopy(v.model), Bnb8Config(threshold=0.0))))
         dev = model_device(v.model)
         with torch.inference_mode():
             reference = np.array([int(v.model(**to_device(e, dev)).logits.argmax()) for e in examples])
@@ -55,15 +63,16 @@ def main() -> None:
             try:
                 eager = latency(model, examples, warmup, repeats=args.repeats).median
             except (RuntimeError, NotImplementedError) as error:  # e.g. no fused int8 kernel on this device
-                print(f"| {name} | {str(error).splitlines()[0][:60]} | | | | |", flush=True)
+                print(f"| {name} | {str(error).splitlines()[0][:60]} | | | | | |", flush=True)
                 continue
-            graphed = GraphedClassifier(model, GraphConfig(), pad_token_id=pad)
+            graphed = GraphedClassifier(model, SERVING, pad_token_id=pad)
             fast = latency(graphed, examples, warmup, repeats=args.repeats).median
             with torch.inference_mode():
                 flips = int((np.array([int(graphed(**to_device(e, dev)).logits.argmax()) for e in examples])
                              != reference).sum())
-            print(f"| {name} | {eager:.3f} | {fast:.3f} | {eager / fast:.2f}x | {len(graphed.graphs)} | {flips} |",
-                  flush=True)
+            per_s = throughput(graphed, suite.inputs[v.name][0], v.tokenizer) if args.throughput else float("nan")
+            print(f"| {name} | {eager:.3f} | {fast:.3f} | {eager / fast:.2f}x | {len(graphed.graphs)} | {flips} | "
+                  f"{per_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

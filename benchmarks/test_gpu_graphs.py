@@ -1,11 +1,14 @@
 """benchmarks/gpu_graphs.py's table, run on the CPU with a tiny model in place of the profile's suite: every fp32
-variant gets a row and one `_wo8` row per kernel, the bnb8 and ONNX variants none of their own copies."""
+variant gets a row, one `_wo8` row per kernel and one LLM.int8 row at threshold 0; the bnb8 and ONNX variants
+none of their own copies."""
 
 from __future__ import annotations
 
 import copy
 import sys
 from types import SimpleNamespace
+
+from datasets import Dataset
 
 from benchmarks import gpu_graphs
 from conftest import make_sentences
@@ -21,13 +24,17 @@ def test_dry_run_prints_each_fp32_variant_and_its_wo8_copies(monkeypatch, capsys
     examples = [dict(tiny_tokenizer([s], return_tensors="pt")) for s, _ in make_sentences(4, seed=4)]
     variants = [SimpleNamespace(name="student", model=model, tokenizer=tiny_tokenizer),
                 SimpleNamespace(name="student_int8", model=quantized, tokenizer=tiny_tokenizer)]
+    validation = Dataset.from_dict({"input_ids": [e["input_ids"][0].tolist() for e in examples],
+                                    "attention_mask": [e["attention_mask"][0].tolist() for e in examples],
+                                    "labels": [0, 1, 0, 1], "length": [e["input_ids"].shape[1] for e in examples]})
     suite = SimpleNamespace(run=SimpleNamespace(profile=SimpleNamespace(warmup=1), variants=variants),
-                            examples=lambda name: examples)
+                            examples=lambda name: examples, inputs={"student": (validation, examples)})
     monkeypatch.setattr(gpu_graphs, "build_suite", lambda profile, device: suite)
     monkeypatch.setattr(sys, "argv", ["gpu_graphs", "--examples", "3"])
     gpu_graphs.main()
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| student")]
-    assert [r[0].strip() for r in rows] == ["student", "student_wo8 (int8pack)", "student_wo8 (dequant)"]
-    for name, eager, graphed, speedup, graphs, flips in rows:
+    assert [r[0].strip() for r in rows] == ["student", "student_wo8 (int8pack)", "student_wo8 (dequant)",
+                                            "student_bnb8 (threshold 0)"]
+    for name, eager, graphed, speedup, graphs, flips, per_s in rows:
         assert float(eager) > 0 and float(graphed) > 0 and graphs.strip() == "0"  # no CUDA: nothing captured
-        assert flips.strip() == "0"
+        assert flips.strip() == "0" and float(per_s) > 0

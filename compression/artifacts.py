@@ -1,10 +1,12 @@
-"""Saving and loading every kind of artifact: fp32 classifiers (pruned or not), int8 (ONNX), bnb8.
+"""Saving and loading every kind of artifact: fp32 classifiers (pruned or not), int8 (ONNX), bnb8, wo8.
 
 One folder per artifact, always with config.json and the tokenizer files:
 - fp32: `model.safetensors` (`save_pretrained`); a pruned model's config lists its kept heads and FFN neurons
   and its embedding rank (a vocabulary-pruned one simply has a smaller vocab_size);
 - int8: `model.onnx` and `quantization.json`;
-- bnb8: `model.safetensors` of int8 codes + absmax and `quantization.json`.
+- bnb8: `model.safetensors` of int8 codes + absmax and `quantization.json`;
+- wo8: `model.safetensors` of the int8 weight-only model's state (codes, scales, float tensors) and
+  `quantization.json`.
 Weights are read with safetensors only; nothing is unpickled.
 """
 
@@ -25,6 +27,7 @@ from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
 from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
 from compression.quant_bnb8 import Bnb8Config, bnb8_from_state, bnb8_state
 from compression.quant_onnx import Int8Config, OnnxClassifier
+from compression.quant_wo8 import Wo8Config, quantize_wo8_
 
 QUANT_FILE = "quantization.json"
 ONNX_FILE = "model.onnx"
@@ -93,6 +96,9 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | Path) -> None:
     tokenizer.save_pretrained(folder)
     if kind == "int8":
         (folder / ONNX_FILE).write_bytes(model.onnx_bytes)
+    elif kind == "wo8":  # the codes, scales and float tensors are the module's own state
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  folder / "model.safetensors")
     else:
         save_file(bnb8_state(model), folder / "model.safetensors")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
@@ -100,7 +106,7 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | Path) -> None:
 
 
 def load_model(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, "AutoTokenizer"]:
-    """Load any saved variant onto `device`: fp32 (pruned or not), bnb8 or int8 (ONNX Runtime, always CPU)."""
+    """Load any saved variant onto `device`: fp32 (pruned or not), bnb8, wo8 or int8 (ONNX Runtime, always CPU)."""
     folder = Path(folder)
     if not (folder / QUANT_FILE).is_file():
         model, tokenizer = load_classifier(folder)
@@ -117,4 +123,9 @@ def load_model(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, "Aut
     if meta["backend"] == "bnb8":
         state = load_file(folder / "model.safetensors")
         return bnb8_from_state(empty_classifier(config), state, Bnb8Config(**settings), device), tokenizer
+    if meta["backend"] == "wo8":
+        # shaped like the saved model (quantizing the empty model's random weights), then filled with the saved state
+        model = quantize_wo8_(empty_classifier(config), Wo8Config(**settings))
+        model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        return model.to(device), tokenizer
     raise ValueError(f"{folder / QUANT_FILE}: unknown backend {meta['backend']!r}")

@@ -35,7 +35,7 @@ OFFSET_POSITIONS = ("roberta", "mpnet", "xlm-roberta", "camembert")
 
 
 def variant_kind(folder: Path) -> str:
-    """"fp32", "int8" or "bnb8" for a saved variant folder; ValueError naming it if it is none of them."""
+    """"fp32", "int8", "bnb8" or "wo8" for a saved variant folder; ValueError naming it if it is none of them."""
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder")
     if not (folder / CONFIG_FILE).is_file():
@@ -45,7 +45,7 @@ def variant_kind(folder: Path) -> str:
             raise ValueError(f"{folder}: not a saved variant (no {WEIGHTS_FILE} or {QUANT_FILE})")
         return "fp32"
     backend = read_json(folder / QUANT_FILE).get("backend")
-    if backend not in ("int8", "bnb8"):
+    if backend not in ("int8", "bnb8", "wo8"):
         raise ValueError(f"{folder / QUANT_FILE}: unknown backend {backend!r}")
     return backend
 
@@ -78,8 +78,9 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
     """
     folder, out = Path(folder), Path(out)
     kind = variant_kind(folder)
-    if kind == "bnb8":
-        raise ValueError(f"{folder}: a bnb8 variant runs only under bitsandbytes and this package; "
+    if kind in ("bnb8", "wo8"):
+        runs_under = "bitsandbytes and this package" if kind == "bnb8" else "this package (PyTorch int8 weights)"
+        raise ValueError(f"{folder}: a {kind} variant runs only under {runs_under}; "
                          "export its _int8 (fast on CPU) or fp32 variant instead")
     _check_out(folder, out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ Graphs need static shapes, so each call's inputs are right-padded to the next of
 (`bucket_length`); the attention mask keeps the padding out of every real token's attention and out of the mean
 pool, and right-padding moves no real token's position, so the logits are the unpadded forward's (tested on the
 CPU for BERT and MPNet). Shapes beyond the captured ones, and models whose kernels cannot be captured
-(bitsandbytes' LLM.int8 invalidates a capture), run eagerly.
+(bitsandbytes' LLM.int8 with its outlier decomposition synchronises with the host: `capturable`), run eagerly.
 
     graphed = GraphedClassifier(model, GraphConfig(lengths=(16, 32, 64, 128), batch_sizes=(1,)))
     graphed(input_ids=ids, attention_mask=mask).logits   # [B, C]; first call per shape captures
+    served = serving(model, pad_token_id)                # what `compress run` and the GPU benchmarks time
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from compression.measure import accepted_inputs
+from compression.measure import accepted_inputs, model_device
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,32 @@ def pad_inputs(inputs: dict[str, torch.Tensor], length: int, pad_token_id: int) 
 
 
 def capturable(model: nn.Module) -> bool:
-    """False for models with modules known to break a CUDA-graph capture (bitsandbytes' 8-bit linears, which
-    synchronise with the host inside their forward)."""
-    return not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    """False for models with modules known to break a CUDA-graph capture.
+
+    bitsandbytes' LLM.int8 with its outlier decomposition (threshold > 0) asks the GPU whether any activation
+    is an outlier (`outliers.any()` in its CUDA quantization op, bitsandbytes 0.50) and then gathers a
+    data-dependent set of columns: a host synchronisation and a shape no graph can hold. At threshold 0 its
+    forward is three registered ops of fixed shapes (row-wise quantization, int8 matmul, dequantization), so it
+    is tried; a capture that fails anyway runs eagerly (`GraphedClassifier`). Other bitsandbytes modules are not.
+    """
+    for m in model.modules():
+        if type(m).__module__.startswith("bitsandbytes"):
+            state = getattr(m, "state", None)
+            if getattr(state, "threshold", None) != 0.0:
+                return False
+    return True
+
+
+# batch 1 (the latency columns) and 32 (measure.throughput's batches)
+SERVING = GraphConfig(batch_sizes=(1, 32))
+
+
+def serving(model: nn.Module, pad_token_id: int = 0, config: GraphConfig = SERVING) -> nn.Module:
+    """How a classifier is served where it lives: behind CUDA graphs on a GPU when its kernels can be captured,
+    else the model itself (CPU models, ONNX Runtime sessions, bitsandbytes' LLM.int8)."""
+    if model_device(model).type != "cuda" or not capturable(model):
+        return model
+    return GraphedClassifier(model, config, pad_token_id)
 
 
 class GraphedClassifier(nn.Module):

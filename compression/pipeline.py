@@ -129,7 +129,8 @@ def build_variants(
     progress: Callable[[str], None] = no_progress,
     teacher_model: str | None = None,
 ) -> Run:
-    """Train (or load from the cache) the four fp32 models, then make their int8 and bnb8 variants.
+    """Train (or load from the cache) the four fp32 models, then make their int8 and bnb8 variants (and, on a
+    GPU, their int8 weight-only wo8 variants).
 
     `base` replaces the profile's teacher base; `teacher_model` (a fine-tuned two-label classifier: folder or hub
     id) is used as the teacher as it is, with no fine-tuning.
@@ -388,7 +389,7 @@ def build_variants(
                                   ("slim_student", slim, slim_key, slim_tokenizer)):
         params = count_parameters(model)
         variants.append(Variant(name, model, root / f"{name}-{key}", params, stages[name], tok))
-        for suffix, config in (("int8", profile.int8), ("bnb8", profile.bnb8)):
+        for suffix, config in quantized_forms(profile, device):
             qname = f"{name}_{suffix}"
             qkey = cache.cache_key({"from": key, "stage": qname, "config": config})
 
@@ -403,6 +404,13 @@ def build_variants(
             q = _timed_cached(root, qname, qkey, build_q, load_q, stages)
             variants.append(Variant(qname, q, root / f"{qname}-{qkey}", params, stages[qname], tok))
     return Run(variants, sst2, profile, stages)
+
+
+def quantized_forms(profile: Profile, device: str) -> list[tuple[str, object]]:
+    """(suffix, config) of each 8-bit variant made from every fp32 model on `device`: int8 and bnb8 always; wo8,
+    the second 8-bit GPU path, only on a GPU, where it is meant to run (on a CPU, int8 is the fast path)."""
+    forms = [("int8", profile.int8), ("bnb8", profile.bnb8)]
+    return forms + [("wo8", profile.wo8)] if str(device).startswith("cuda") else forms
 
 
 def run(

@@ -24,6 +24,7 @@ from compression.prune_ffn import FfnPruneConfig
 from compression.prune_vocab import VocabPruneConfig
 from compression.quant_bnb8 import Bnb8Config
 from compression.quant_onnx import Int8Config
+from compression.quant_wo8 import Wo8Config
 from compression.train import TrainConfig
 
 RECOVERY_SOURCES = ("train", "student")
@@ -60,6 +61,7 @@ class Profile:
     recovery_from: str = "train"
     int8: Int8Config = Int8Config()
     bnb8: Bnb8Config = Bnb8Config()
+    wo8: Wo8Config = Wo8Config()  # int8 weight-only: made for runs on a GPU only (on a CPU, int8 is the fast path)
     logits_batch_size: int = 128  # the teacher's forward over train, once, for the soft targets
     latency_examples: int | None = None  # validation sentences timed at batch 1; None = all 872
     warmup: int = 20

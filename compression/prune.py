@@ -158,21 +158,25 @@ def _kept_heads_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     bias [B, original heads, T, T] cut to this layer's kept heads [B, kept, T, T] (`module.kept_bias_heads`)."""
     heads = getattr(module, KEPT_BIAS_ATTR)
     if len(args) > 2 and args[2] is not None:  # MPNetAttention passes it positionally
-        args = (*args[:2], args[2][:, heads], *args[3:])
+        args = (*args[:2], args[2].index_select(1, heads), *args[3:])
     elif kwargs.get("position_bias") is not None:
-        kwargs = {**kwargs, "position_bias": kwargs["position_bias"][:, heads]}
+        kwargs = {**kwargs, "position_bias": kwargs["position_bias"].index_select(1, heads)}
     return args, kwargs
 
 
 def _cut_position_bias(attention: nn.Module, heads: list[int]) -> None:
     """Make `attention` read only `heads` (original indices) of the shared position bias.
 
-    The hook is registered once per module (deepcopy keeps it; a loaded model gets it again from `prune_heads_`
-    in `artifacts.empty_classifier`); pruning again only changes the heads it reads.
+    The indices are a buffer on the module's device, not a Python list: indexing by a list builds a host tensor
+    and copies it to the GPU in every forward, one synchronous copy per layer that also breaks a CUDA-graph
+    capture. Non-persistent, so the saved state dict is unchanged. The hook is registered once per module
+    (deepcopy keeps it; a loaded model gets it again from `prune_heads_` in `artifacts.empty_classifier`);
+    pruning again only changes the heads it reads.
     """
     if not hasattr(attention, KEPT_BIAS_ATTR):
         attention.register_forward_pre_hook(_kept_heads_bias, with_kwargs=True)
-    setattr(attention, KEPT_BIAS_ATTR, list(heads))
+    device = next(attention.parameters()).device
+    attention.register_buffer(KEPT_BIAS_ATTR, torch.tensor(heads, device=device), persistent=False)
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@
   is a new model and `model` is left unchanged.
 - `Bnb8Config`: bitsandbytes LLM.int8 (`compression.quant_bnb8`), on GPU or CPU; works in place on `model`
   (`quantize_bnb8_` is the in-place verb) and returns it.
+- `Wo8Config`: int8 weight-only linears (`compression.quant_wo8`), the 8-bit path made for GPU batch-1 latency;
+  works in place on `model` (`quantize_wo8_`) and returns it.
 
 Every result is called as ``model(**batch).logits`` and records ``model.quantization = (kind, config)``.
 """
@@ -15,14 +17,18 @@ from transformers import PreTrainedModel
 
 from compression.quant_bnb8 import Bnb8Config, quantize_bnb8_
 from compression.quant_onnx import Int8Config, quantize_int8
+from compression.quant_wo8 import Wo8Config, quantize_wo8_
 
-__all__ = ["Bnb8Config", "Int8Config", "backend_name", "quantize", "quantize_bnb8_", "quantize_int8"]
+__all__ = ["Bnb8Config", "Int8Config", "Wo8Config", "backend_name", "quantize", "quantize_bnb8_", "quantize_int8",
+           "quantize_wo8_"]
 
 
-def quantize(model: PreTrainedModel, config: Bnb8Config | Int8Config) -> nn.Module:
-    """The quantized model for `config` (bnb8: `model` itself, quantized in place; int8: a new ONNX model)."""
+def quantize(model: PreTrainedModel, config: Bnb8Config | Int8Config | Wo8Config) -> nn.Module:
+    """The quantized model for `config` (bnb8, wo8: `model` itself, quantized in place; int8: a new ONNX model)."""
     if isinstance(config, Bnb8Config):
         return quantize_bnb8_(model, config)
+    if isinstance(config, Wo8Config):
+        return quantize_wo8_(model, config)
     if isinstance(config, Int8Config):
         return quantize_int8(model, config)
     raise ValueError(f"unknown quantization config {config!r}")
@@ -34,4 +40,6 @@ def backend_name(model: nn.Module) -> str:
     if kind == "int8":
         return "onnxruntime-int8"
     device = next(iter(model.parameters())).device.type
+    if kind == "wo8":
+        return f"int8-weight-only ({device})"
     return f"bnb-llm.int8 ({device})" if kind == "bnb8" else f"pytorch-fp32 ({device})"

@@ -12,6 +12,7 @@ import torch
 
 from compression.artifacts import size_mb
 from compression.data import tokenize
+from compression.graphs import serving
 from compression.measure import (
     GATE_THREADS,
     accuracy,
@@ -134,22 +135,27 @@ def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) ->
     rows, teacher_preds = [], None
     teacher = run.variants[0]
     teacher_examples = inputs_for(teacher.tokenizer)[1]
+    teacher_served = serving(teacher.model, teacher.tokenizer.pad_token_id or 0)
     for v in run.variants:
         progress(f"measuring {v.name}")
         validation, examples = inputs_for(v.tokenizer)
         row, preds = quality(v, validation, teacher_preds, sentences, max_length)
         teacher_preds = preds if teacher_preds is None else teacher_preds
-        lat = latency(v.model, examples, warmup=run.profile.warmup)
+        # timings are of the model as served: behind CUDA graphs on a GPU where it can be captured
+        served = teacher_served if v is teacher else serving(v.model, v.tokenizer.pad_token_id or 0)
+        if served is not v.model:
+            row["backend"] += " + CUDA graphs"
+        lat = latency(served, examples, warmup=run.profile.warmup)
         if v is not teacher:
             # The gate's ratio is timed in blocks alternating with the teacher's, so both see the same machine
             # state, on one thread (measure.GATE_THREADS); the table's latency is the standalone figure above.
-            paired = paired_latency(v.model, teacher.model, examples, warmup=run.profile.warmup,
+            paired = paired_latency(served, teacher_served, examples, warmup=run.profile.warmup,
                                     reference_examples=teacher_examples, threads=GATE_THREADS)
             row["latency_ratio"] = round(paired.ratio, 4)
         row["latency_ms"] = {"median": round(lat.median, 3), "p90": round(lat.p90, 3), "samples": lat.samples}
-        e2e = e2e_latency(v.model, v.tokenizer, timed, warmup=run.profile.warmup, max_length=max_length)
+        e2e = e2e_latency(served, v.tokenizer, timed, warmup=run.profile.warmup, max_length=max_length)
         row["e2e_latency_ms"] = {"median": round(e2e.median, 3), "p90": round(e2e.p90, 3), "samples": e2e.samples}
-        row["throughput_per_s"] = round(throughput(v.model, validation, v.tokenizer), 1)
+        row["throughput_per_s"] = round(throughput(served, validation, v.tokenizer), 1)
         row["build_seconds"] = v.seconds
         rows.append(row)
         log.info("%s: %s", v.name, row)

@@ -32,24 +32,29 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 
-# Every variant a run may report: each fp32 model alone and quantized. Extend here (and nowhere else) to add one.
-VARIANTS: tuple[str, ...] = tuple(
-    f"{model}{suffix}"
-    for model in ("teacher", "student", "pruned_student", "slim_student")
-    for suffix in ("", "_int8", "_bnb8")
-)
+MODELS = ("teacher", "student", "pruned_student", "slim_student")
+# Every variant a run reports: each fp32 model alone and quantized. Extend here (and nowhere else) to add one.
+VARIANTS: tuple[str, ...] = tuple(f"{model}{suffix}" for model in MODELS for suffix in ("", "_int8", "_bnb8"))
+# ... and those only a run on a GPU adds: int8 weight-only copies (compression.quant_wo8)
+GPU_VARIANTS: tuple[str, ...] = tuple(f"{model}_wo8" for model in MODELS)
+
+
+def known_variants() -> tuple[str, ...]:
+    return (*VARIANTS, *GPU_VARIANTS)  # read at call time, so an extended VARIANTS is honoured
+
+
 POOLINGS = ("cls", "mean")
 BUDGET_KEYS = ("min_accuracy", "max_accuracy_drop", "max_flips", "max_size_mb", "max_latency_ratio")
 
 
 def _known_variant(name: str) -> str:
-    if name not in VARIANTS:  # read at call time, so an extended VARIANTS is honoured
-        raise ValueError(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+    if name not in known_variants():
+        raise ValueError(f"unknown variant {name!r} (known: {', '.join(known_variants())})")
     return name
 
 
 VariantName = Annotated[
-    str, AfterValidator(_known_variant), Field(json_schema_extra=lambda s: s.update(enum=list(VARIANTS)))
+    str, AfterValidator(_known_variant), Field(json_schema_extra=lambda s: s.update(enum=list(known_variants())))
 ]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Positive = Annotated[float, Field(gt=0)]

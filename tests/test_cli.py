@@ -19,7 +19,7 @@ import pytest
 import compression.pipeline  # noqa: F401  (imported up front so its import-time warnings are not in capsys)
 from compression import cli
 from compression.cli import EXIT_BREACH, EXIT_ERROR, main
-from compression.schema import VARIANTS, Results, VariantRow
+from compression.schema import GPU_VARIANTS, VARIANTS, Results, VariantRow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,15 +275,28 @@ def test_accept_malformed_results(capsys, tmp_path):
     assert not target.exists()
 
 
-def test_accept_gpu_run_refused(capsys, tmp_path):
+def test_accept_gpu_run_writes_that_cards_budgets(capsys, tmp_path):
+    cpu = write_json(tmp_path / "cpu.json", results_doc())
+    target = tmp_path / "baselines.json"
+    assert main(["baselines", "--accept", str(cpu), "--baselines", str(target)]) == 0
+    profiles = json.loads(target.read_text())["profiles"]
     doc = results_doc()
     doc["environment"]["gpu"] = "Tesla T4"
-    results = write_json(tmp_path / "results.json", doc)
-    target = tmp_path / "baselines.json"
-    assert main(["baselines", "--accept", str(results), "--baselines", str(target)]) == EXIT_ERROR
+    for r in doc["variants"]:
+        r["backend"] = "onnxruntime-int8" if r["name"].endswith("_int8") else "pytorch-fp32 (cuda) + CUDA graphs"
+    gpu = write_json(tmp_path / "gpu.json", doc)
+    capsys.readouterr()
+    assert main(["baselines", "--accept", str(gpu), "--baselines", str(target)]) == 0
+    out = capsys.readouterr().out
+    written = json.loads(target.read_text())
+    assert written["profiles"] == profiles  # accuracy and size stay gated from the CPU run
+    assert set(written["gpu"]["latency_ms"]["Tesla T4"]) == {r["name"] for r in doc["variants"]} - {"student_int8"}
+    assert "gpu.latency_ms[Tesla T4].teacher: None -> " in out and f"wrote {target}" in out
+    # a CPU run and a GPU run together are refused in one line, and the file is left as it was
+    before = target.read_bytes()
+    assert main(["baselines", "--accept", str(cpu), str(gpu), "--baselines", str(target)]) == EXIT_ERROR
     (line,) = stderr_lines(capsys.readouterr())
-    assert "GPU" in line
-    assert not target.exists()
+    assert "GPU and CPU runs" in line and target.read_bytes() == before
 
 
 def test_accept_into_invalid_existing_baselines(capsys, tmp_path):
@@ -473,7 +486,7 @@ def test_schema_of_results_declares_the_row_and_the_variants(capsys):
     assert main(["schema", "results"]) == 0
     defs = json.loads(capsys.readouterr().out)["$defs"]
     row_schema = defs["VariantRow"]
-    assert row_schema["properties"]["name"]["enum"] == list(VARIANTS)
+    assert row_schema["properties"]["name"]["enum"] == [*VARIANTS, *GPU_VARIANTS]
     assert {"val_accuracy_batched", "e2e_latency_ms", "folder"} <= set(row_schema["properties"])
     assert "val_accuracy_batched" not in row_schema["required"] and "flips" in row_schema["required"]
     assert row_schema["properties"]["val_accuracy"]["maximum"] == 100

@@ -180,15 +180,16 @@ def test_labels_for(config, expected):
     assert export.labels_for(config) == expected
 
 
-def test_bnb8_is_refused(tmp_path, saved_all):
-    bnb8 = tmp_path / "bnb8"
-    bnb8.mkdir()
-    (bnb8 / "config.json").write_text((saved_all["cls"].int8 / "config.json").read_text())
-    (bnb8 / "quantization.json").write_text(json.dumps({"backend": "bnb8", "config": {}}))
-    with pytest.raises(ValueError, match=r"bnb8.*bitsandbytes.*_int8") as err:
-        export_variant(bnb8, tmp_path / "out")
-    assert str(bnb8) in str(err.value) and "\n" not in str(err.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bnb8"]
+@pytest.mark.parametrize("kind, runs_under", [("bnb8", "bitsandbytes"), ("wo8", "this package")])
+def test_bnb8_and_wo8_are_refused(tmp_path, saved_all, kind, runs_under):
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "config.json").write_text((saved_all["cls"].int8 / "config.json").read_text())
+    (folder / "quantization.json").write_text(json.dumps({"backend": kind, "config": {}}))
+    with pytest.raises(ValueError, match=rf"{kind}.*{runs_under}.*_int8") as err:
+        export_variant(folder, tmp_path / "out")
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kind]
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "no-config"])

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from compression.gate import (
     ACCURACY_SLACK,
     EMPTY,
+    GPU_EAGER_SLACK,
+    GPU_LATENCY_SLACK,
     LATENCY_SLACK,
     Finding,
     accept,
@@ -135,9 +137,43 @@ def test_accept_reports_changes_and_keeps_other_profiles():
     assert again == []
 
 
-def test_accept_refuses_gpu_runs():
-    with pytest.raises(ValueError, match="GPU"):
-        accept([make_results(gpu="Tesla T4")], EMPTY)
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_accepting_gpu_runs_sets_that_cards_absolute_budgets_only(baselines):
+    """The median run's milliseconds with the GPU slack, for every row that ran on the card (not the ONNX
+    Runtime rows, which run on the CPU); the CPU profile and the other cards' entries are left as they were."""
+    before = gpu_baselines(baselines)
+
+    def gpu_run(student_ms: float, student_bnb8=None) -> Results:
+        run = make_results(gpu=H100, student={"latency_ms": {"median": student_ms, "p90": 1.0, "samples": 300}})
+        return results([*run.variants, row("student_bnb8", 88.0, 41, 30.0, 4.0, backend="bnb-llm.int8 (cuda)"),
+                        row("student_wo8", 88.7, 40, 12.0, 0.28, backend="int8-weight-only (cuda)")], gpu=H100)
+
+    runs = [gpu_run(m) for m in (0.30, 0.50, 0.32)]
+    new, changes = accept(runs, before)
+    assert new.profiles == before.profiles and new.gpu.latency_ms["Tesla T4"] == before.gpu.latency_ms["Tesla T4"]
+    card = new.gpu.latency_ms[H100]
+    assert set(card) == {"teacher", "student", "pruned_student", "student_bnb8", "student_wo8"}  # no _int8 rows
+    assert card["student"] == round(0.32 * GPU_LATENCY_SLACK, 3)  # the median run's, not the best or worst
+    assert card["teacher"] == round(10.0 * GPU_LATENCY_SLACK, 3)
+    assert card["student_bnb8"] == round(4.0 * GPU_EAGER_SLACK, 3)  # bnb8 runs eagerly: host-bound, more slack
+    assert new.gpu.latency_ratio["student"] == round(0.032 * GPU_LATENCY_SLACK, 3)
+    assert f"gpu.latency_ms[{H100}].student: None -> {card['student']}" in changes
+    assert all(line.startswith("gpu.") for line in changes)
+    # the accepted run passes its own card's gate, and a 30% slower student fails it
+    assert not failed(check(runs[2], new))
+    assert [(f.variant, f.metric) for f in failed(check(gpu_run(0.32 * 1.3), new))] == [
+        ("student", f"latency_ms[{H100}]")]
+    _, again = accept(runs, new)
+    assert again == []
+
+
+@pytest.mark.parametrize("cards, match", [(["Tesla T4", None], "GPU and CPU runs"),
+                                          (["Tesla T4", H100], "different GPUs")])
+def test_accept_refuses_runs_of_different_machines_together(cards, match):
+    with pytest.raises(ValueError, match=match):
+        accept([make_results(gpu=card) for card in cards], EMPTY)
 
 
 def test_accept_refuses_a_run_without_teacher():

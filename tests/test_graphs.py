@@ -6,14 +6,22 @@ The capture itself needs CUDA (benchmarks/test_gpu.py); everything it rests on i
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForSequenceClassification
 
-from compression.graphs import GraphConfig, GraphedClassifier, bucket_length, capturable, pad_inputs
-from compression.models import load_base
+from compression import graphs
+from compression.graphs import GraphConfig, GraphedClassifier, bucket_length, capturable, pad_inputs, serving
+from compression.low_rank import LowRankConfig, factorize_embeddings_
+from compression.models import load_base, mean_pool_class
+from compression.prune import kept_heads, prune_heads_
+from compression.prune_ffn import intermediate_size, prune_ffn_
+from compression.quant_wo8 import Wo8Config, int8pack_works, quantize_wo8_
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,9 +104,102 @@ def test_a_missing_mask_is_made_so_padding_stays_invisible(tiny_mean_model_sessi
         torch.testing.assert_close(graphed(input_ids=ids).logits, tiny_mean_model_session(input_ids=ids).logits)
 
 
-def test_bitsandbytes_models_are_not_captured(tiny_model):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_llm_int8_is_captured_only_without_its_outlier_decomposition(tiny_model):
+    """At threshold > 0 LLM.int8 syncs with the host to find outliers; at 0 its ops have fixed shapes."""
+    pytest.importorskip("bitsandbytes")
+    from compression.quant_bnb8 import Bnb8Config, quantize_bnb8_
+
     assert capturable(tiny_model)
-    tiny_model.classifier = bnb.nn.Linear8bitLt(32, 2, has_fp16_weights=False)
-    assert not capturable(tiny_model)
-    assert not GraphedClassifier(tiny_model).graphable
+    with_outliers = quantize_bnb8_(copy.deepcopy(tiny_model), Bnb8Config(threshold=6.0))
+    assert not capturable(with_outliers) and not GraphedClassifier(with_outliers).graphable
+    assert capturable(quantize_bnb8_(copy.deepcopy(tiny_model), Bnb8Config(threshold=0.0)))
+
+
+# --- what a CUDA graph cannot hold, seen on the CPU ----------------------------------------------------------
+
+# Ops that move data between host and device inside a forward: a tensor built from Python values (copied to the
+# GPU on every call) or a device value read back (a synchronisation). Either stalls an eager GPU forward, and a
+# capture either fails or freezes the host value into the graph.
+HOST_OPS = ("aten.lift_fresh", "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item")
+
+
+class _HostOps(TorchDispatchMode):
+    """Counts the HOST_OPS a block dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith(HOST_OPS):
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_ops(model, batch) -> Counter:
+    with torch.inference_mode(), _HostOps() as seen:
+        model(**batch)
+    return seen.counts
+
+
+FAMILY_CONFIGS = ("tiny_config", "tiny_roberta_config", "tiny_mpnet_config", "tiny_distilbert_config")
+
+
+@pytest.mark.parametrize("config_name", FAMILY_CONFIGS)
+def test_compression_adds_no_host_transfer_to_the_forward(request, config_name):
+    """Every compressed form of every family dispatches no host<->device op that its plain model does not: a
+    head-pruned MPNet once indexed the shared position bias by a Python list, a host-to-GPU copy per layer."""
+    config = copy.deepcopy(request.getfixturevalue(config_name))
+    torch.manual_seed(0)
+    plain = AutoModelForSequenceClassification.from_config(config).eval()
+    ids = torch.randint(5, config.vocab_size, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][1, 6:] = 0
+    layers, heads = len(kept_heads(plain)), config.num_attention_heads
+    keep = torch.ones(layers, heads, dtype=torch.bool)
+    keep[0, [0, 2]] = False
+    keep[-1, 1] = False
+    ffn = intermediate_size(plain)
+    neurons = torch.ones(layers, ffn, dtype=torch.bool)
+    neurons[:, ::3] = False
+    pruned = prune_heads_(copy.deepcopy(plain), keep)
+    forms = {
+        "mean-pooled": mean_pool_class(config.model_type)(config).eval(),
+        "head-pruned": pruned,
+        "head- and FFN-pruned": prune_ffn_(copy.deepcopy(pruned), neurons),
+        "wo8 (dequant)": quantize_wo8_(copy.deepcopy(pruned), Wo8Config(kernel="dequant")),
+    }
+    if int8pack_works("cpu", torch.float32):
+        forms["wo8 (int8pack)"] = quantize_wo8_(copy.deepcopy(pruned), Wo8Config(kernel="int8pack"))
+    low_rank = copy.deepcopy(pruned)
+    factorize_embeddings_(low_rank, LowRankConfig(rank=8))
+    forms["low-rank embedding"] = low_rank.eval()
+    baseline = host_ops(plain, batch)
+    for form, model in forms.items():
+        extra = host_ops(model, batch) - baseline
+        assert not extra, f"{config.model_type} {form}: forward adds {dict(extra)}"
+
+
+def test_the_host_op_probe_sees_a_list_index():
+    """The probe above can fail: indexing by a Python list is what it exists to see."""
+    x = torch.randn(2, 4, 3)
+    with torch.inference_mode(), _HostOps() as seen:
+        x[:, [0, 2]]
+    assert seen.counts["aten.lift_fresh"] == 1
+
+
+def test_serving_is_the_model_itself_off_the_gpu(tiny_model):
+    assert serving(tiny_model, 0) is tiny_model
+
+
+def test_serving_on_a_gpu_wraps_capturable_models_only(monkeypatch, tiny_model):
+    """On a GPU (the device faked: capture itself is benchmarks/test_gpu.py's) a PyTorch model is served behind
+    graphs for batch 1 and the throughput's batch 32, with its pad id; LLM.int8 with outliers is served as it is."""
+    monkeypatch.setattr(graphs, "model_device", lambda model: torch.device("cuda"))
+    served = serving(tiny_model, pad_token_id=7)
+    assert isinstance(served, GraphedClassifier) and served.model is tiny_model
+    assert served.pad_token_id == 7 and served.config.batch_sizes == (1, 32)
+    bnb = pytest.importorskip("bitsandbytes")
+    tiny_model.classifier = bnb.nn.Linear8bitLt(32, 2, has_fp16_weights=False, threshold=6.0)
+    assert serving(tiny_model, 7) is tiny_model

@@ -4,16 +4,19 @@ student of another family and vocabulary than its teacher (distilled from the ca
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
 
+from compression import graphs
 from compression.artifacts import size_mb
 from compression.data import tokenize
 from compression.measure import predict
-from compression.pipeline import build_variants
+from compression.pipeline import build_variants, quantized_forms
 from compression.profiles import PROFILES, Profile, get_profile
 from compression.rows import measure_variants
+from compression.schema import MODELS
 from conftest import NAMES, make_sentences, tiny_profile, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,6 +38,14 @@ def test_profiles_are_named_for_their_key():
     assert get_profile("smoke") is PROFILES["smoke"]
     with pytest.raises(ValueError, match="'nope'"):
         get_profile("nope")
+
+
+def test_wo8_variants_are_made_on_a_gpu_only():
+    profile = get_profile("smoke")
+    cpu = [suffix for suffix, _ in quantized_forms(profile, "cpu")]
+    assert cpu == ["int8", "bnb8"]
+    assert quantized_forms(profile, "cuda") == [("int8", profile.int8), ("bnb8", profile.bnb8), ("wo8", profile.wo8)]
+    assert [s for s, _ in quantized_forms(profile, "cuda:1")] == ["int8", "bnb8", "wo8"]
 
 
 # --- the job ------------------------------------------------------------------------------------------------
@@ -118,6 +129,30 @@ def test_measure_variants_rows(job):
     assert sizes["pruned_student"] < sizes["student"] < sizes["teacher"]
     # (the slim student's 37 x 65 fewer parameters are 0.01 MB: under the rounding of the rows' figures)
     assert size_mb(by_name["slim_student"]["folder"]) < size_mb(by_name["pruned_student"]["folder"])
+
+
+def test_on_a_gpu_every_timing_goes_through_the_served_model(job, monkeypatch):
+    """The GPU's serving path, run on the CPU: the device is faked, so the wrappers run their eager fallback. The
+    PyTorch fp32 models are served behind graphs (and say so), bnb8 and ONNX Runtime models as they are, and the
+    latency, paired ratio, tokenize + forward and throughput timings all call the served model."""
+    _, built = job
+    monkeypatch.setattr(graphs, "model_device", lambda m: torch.device(
+        "cuda" if next(m.parameters(), None) is not None else "cpu"))
+    calls = Counter()
+    forward = graphs.GraphedClassifier.forward
+
+    def counted(self, *args, **kwargs):
+        calls[self.model.config.num_hidden_layers, len(kwargs["input_ids"])] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphs.GraphedClassifier, "forward", counted)
+    rows = {r["name"]: r for r in measure_variants(built)}
+    for name, row in rows.items():
+        assert row["backend"].endswith("+ CUDA graphs") == (name in MODELS), name
+    assert rows["student"]["backend"] == "pytorch-fp32 (cpu) + CUDA graphs"
+    # batch 1 (latency, paired blocks, tokenize + forward) and the throughput's batches, for every fp32 model
+    assert {layers for layers, _ in calls} == {4, 2}
+    assert any(batch > 1 for _, batch in calls) and sum(calls.values()) > 4 * 3 * 4
 
 
 def test_pooling_is_part_of_every_cache_key(job):

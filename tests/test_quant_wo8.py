@@ -10,9 +10,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safetensors.torch import load_file, save_file
+
+from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.int8 import dequantize_rows, quantize_rows, snr_db, step
 from compression.models import count_parameters
-from compression.quant_wo8 import Int8WeightOnlyLinear, Wo8Config, int8_matmul, int8pack_works, quantize_wo8_
+from compression.prune import kept_heads, prune_heads_
+from compression.quantize import backend_name, quantize
+from compression.quant_wo8 import (
+    Int8WeightOnlyLinear,
+    Wo8Config,
+    auto_kernel,
+    int8_matmul,
+    int8pack_works,
+    quantize_wo8_,
+)
 from conftest import informative_
 
 
@@ -42,20 +54,23 @@ def test_int8_matmul_keeps_leading_dimensions_and_dtype():
         assert out.shape == (2, 3, 8) and out.dtype == torch.bfloat16
 
 
-def test_auto_takes_the_fused_kernel_where_the_probe_passes_and_plain_ops_elsewhere(monkeypatch):
+def test_auto_takes_plain_ops_on_a_cpu_and_the_fused_kernel_elsewhere_where_the_probe_passes(monkeypatch):
     from compression import quant_wo8
 
+    assert int8pack_works("cpu", torch.float32)  # PyTorch has a CPU kernel, yet it is the slower one there
+    assert auto_kernel("cpu", torch.float32) == "dequant"
+    probed = []
+    monkeypatch.setattr(quant_wo8, "int8pack_works", lambda device, dtype: probed.append(device) or device == "cuda")
+    assert auto_kernel("cuda", torch.float16) == "int8pack" and auto_kernel("mps", torch.float16) == "dequant"
+    assert auto_kernel("cpu", torch.float32) == "dequant" and probed == ["cuda", "mps"]  # the CPU is not probed
     x, (codes, absmax) = torch.randn(2, 16), quantize_rows(torch.randn(8, 16))
-    assert int8pack_works("cpu", torch.float32)  # PyTorch has a CPU kernel
     calls = []
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: (calls.append(1), real(*a))[1])
-    fused = int8_matmul(x, codes, absmax / 127, "auto")
-    assert len(calls) == 1  # the probe's answer was cached: only the product itself ran
-    monkeypatch.setattr(quant_wo8, "int8pack_works", lambda device, dtype: False)
     plain = int8_matmul(x, codes, absmax / 127, "auto")
-    assert len(calls) == 1  # no fused kernel where the probe fails
-    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
+    assert calls == []  # auto on the CPU ran no fused kernel
+    torch.testing.assert_close(int8_matmul(x, codes, absmax / 127, "int8pack"), plain, atol=1e-4, rtol=1e-4)
+    assert calls == [1]
 
 
 def test_layer_matches_its_linear_up_to_the_weights_rounding():
@@ -101,3 +116,38 @@ def test_weights_take_a_quarter_of_their_fp32_bytes(tiny_model):
 def test_kernel_is_validated():
     with pytest.raises(ValueError, match="kernel"):
         Wo8Config(kernel="fast")
+
+
+@pytest.mark.parametrize("kernel", ["int8pack", "dequant"])
+def test_save_and_load_round_trip_a_head_pruned_model(tiny_model, tiny_tokenizer, tiny_batch, tmp_path, kernel):
+    """A saved wo8 model (pruned shapes, codes, scales, settings) loads back to the same logits, from safetensors;
+    each quantized weight is stored at one byte (plus a float scale per row), everything else as in fp32."""
+    if kernel == "int8pack" and not int8pack_works("cpu", torch.float32):
+        pytest.skip("no fused int8 kernel in this torch build")
+    keep = torch.ones(len(kept_heads(tiny_model)), tiny_model.config.num_attention_heads, dtype=torch.bool)
+    keep[0, 1] = False
+    prune_heads_(tiny_model, keep)
+    save_classifier(tiny_model, tiny_tokenizer, tmp_path / "fp32")
+    model = quantize(tiny_model, Wo8Config(kernel=kernel, skip=("classifier", "bert.pooler")))
+    save_quantized(model, tiny_tokenizer, tmp_path / "wo8")
+    loaded, tokenizer = load_model(tmp_path / "wo8")
+    assert loaded.quantization == ("wo8", Wo8Config(kernel=kernel, skip=("classifier", "bert.pooler")))
+    assert isinstance(loaded.bert.pooler.dense, torch.nn.Linear) and loaded.config.kept_heads == model.config.kept_heads
+    assert len(tokenizer) == len(tiny_tokenizer) and backend_name(loaded) == "int8-weight-only (cpu)"
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(**tiny_batch).logits, model(**tiny_batch).logits, rtol=0, atol=0)
+    fp32, wo8 = (load_file(tmp_path / d / "model.safetensors") for d in ("fp32", "wo8"))
+    codes = [t for name, t in wo8.items() if name.endswith(".codes")]
+    assert codes and all(t.dtype == torch.int8 for t in codes)
+    nbytes = lambda state: sum(t.numel() * t.element_size() for t in state.values())  # noqa: E731
+    assert nbytes(wo8) == nbytes(fp32) - sum(3 * t.numel() - 4 * t.shape[0] for t in codes)
+
+
+def test_loading_refuses_a_state_of_another_shape(tiny_model, tiny_tokenizer, tmp_path):
+    model = quantize(copy.deepcopy(tiny_model), Wo8Config(kernel="dequant"))
+    save_quantized(model, tiny_tokenizer, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["bert.encoder.layer.0.attention.self.query.codes"] = state["bert.encoder.layer.0.attention.self.query.codes"][:4]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_model(tmp_path)

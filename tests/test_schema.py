@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from compression import schema
 from compression.schema import (
+    GPU_VARIANTS,
     VARIANTS,
     Baselines,
     Budgets,
@@ -145,6 +146,10 @@ def test_variants_are_every_model_alone_and_quantized():
     assert len(VARIANTS) == len(set(VARIANTS)) == 12
     for model in ("teacher", "student", "pruned_student", "slim_student"):
         assert {model, f"{model}_int8", f"{model}_bnb8"} <= set(VARIANTS)
+        assert f"{model}_wo8" in GPU_VARIANTS and f"{model}_wo8" not in VARIANTS  # a CPU run makes no wo8 row
+    assert VariantRow.model_validate(row("slim_student_wo8")).name == "slim_student_wo8"
+    with pytest.raises(ValueError, match="unknown variant 'student_wo4'"):
+        VariantRow.model_validate(row("student_wo4"))
 
 
 def test_an_extended_variants_tuple_is_honoured(monkeypatch):
@@ -356,7 +361,7 @@ def test_extra_environment_values_must_be_finite(value):
 
 def test_json_schemas_published():
     results, baselines = json_schema("results"), json_schema("baselines")
-    assert results["$defs"]["VariantRow"]["properties"]["name"]["enum"] == list(VARIANTS)
+    assert results["$defs"]["VariantRow"]["properties"]["name"]["enum"] == [*VARIANTS, *GPU_VARIANTS]
     budgets = baselines["$defs"]["Budgets"]
     assert budgets["additionalProperties"] is False and budgets["minProperties"] == 1
     assert budgets["properties"]["min_accuracy"] == {

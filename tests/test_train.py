@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import compression.train as train_module
 from compression.data import tokenize
-from compression.train import TrainConfig, finetune, resolve_precision, training_arguments, training_rows
+from compression.train import TrainConfig, device_options, finetune, resolve_precision, training_arguments, training_rows
 from conftest import make_sentences
 
 
@@ -123,6 +123,17 @@ def test_training_arguments_follow_config(tmp_path):
     assert args.output_dir == str(tmp_path)
     assert args.get_warmup_steps(1000) == 60  # warmup_ratio 0.06 of the total steps
     assert str(args.train_sampling_strategy).endswith("group_by_length")
+
+
+def test_training_uses_the_fused_optimizer_everywhere_and_tf32_on_new_gpus(tmp_path, monkeypatch):
+    assert device_options(use_cpu=True) == {"optim": "adamw_torch_fused"}
+    assert training_arguments(TrainConfig(), str(tmp_path), use_cpu=True).optim == "adamw_torch_fused"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # Hopper
+    assert device_options(use_cpu=False) == {"optim": "adamw_torch_fused", "tf32": True}
+    assert device_options(use_cpu=True) == {"optim": "adamw_torch_fused"}  # a GPU machine told to train on CPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4: no TF32
+    assert device_options(use_cpu=False) == {"optim": "adamw_torch_fused"}
 
 
 def test_bf16_follows_config_and_hardware(tmp_path, monkeypatch):
