@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_carry            # here, once per session: about 57 MiB
 
 The image has torch, transformers, onnxruntime and pytest-benchmark, but not datasets, evaluate, pydantic,
-bitsandbytes or the embedded MiniLM (its package list: /work/.library/device/KINDS.md). This writes
+bitsandbytes or the embedded MiniLM (the device tool's package list for its image). This writes
 - `wheels/`: datasets, evaluate, dill, multiprocess, pydantic (with pydantic-core, annotated-types,
   typing-inspection and typing-extensions) for the image's Python (3.12), as wheels: zipped, a third of their
   installed size; `benchmarks/gpu_setup.sh` installs them there;

@@ -6,9 +6,10 @@ For each fp32 and bnb8 variant: the median batch-1 forward eager and behind `com
 (inputs right-padded to 16/32/64/128 tokens), and how many validation sentences the graphed model classifies
 differently from the eager one (0 expected: padding is masked), and the graphed model's throughput at batch 32
 over all of validation (length-sorted batches, as `compress run` measures it). Variants whose capture fails run
-eagerly, and the table says so. Each fp32 variant is also measured as `_wo8`, the second 8-bit path (`compression.quant_wo8`: int8
-weight-only linears, once with each kernel) and as LLM.int8 at threshold 0 (no outlier decomposition: the form of
-bnb8 a graph can hold), their flips counted against the fp32 model's eager predictions.
+eagerly, and the table says so. Each fp32 variant is also measured as `_wo8`, the second 8-bit path
+(`compression.quant_wo8`: int8 weight-only linears, once with each kernel), and as LLM.int8 at threshold 0 (no
+outlier decomposition: the form of bnb8 a graph can hold), their flips counted against the fp32 model's eager
+predictions.
 Without CUDA it runs the same code on the CPU, where the wrapper is the eager model (a dry run).
 """
 
@@ -34,8 +35,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="passes over the timed sentences per median")
     parser.add_argument("--examples", type=int, default=None, help="time only the first N of the profile's timed "
                         "sentences (a quick dry run on the CPU); default: all of them")
-    parser.add_argument("--no-throughput", dest="throughput", action="store_false",
-                        help="skip the batch-32 column (a quicker dry run on the CPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,7 +69,7 @@ def main() -> None:
             with torch.inference_mode():
                 flips = int((np.array([int(graphed(**to_device(e, dev)).logits.argmax()) for e in examples])
                              != reference).sum())
-            per_s = throughput(graphed, suite.inputs[v.name][0], v.tokenizer) if args.throughput else float("nan")
+            per_s = throughput(graphed, suite.inputs[v.name][0], v.tokenizer)
             print(f"| {name} | {eager:.3f} | {fast:.3f} | {eager / fast:.2f}x | {len(graphed.graphs)} | {flips} | "
                   f"{per_s:.0f} |", flush=True)
 

@@ -156,6 +156,14 @@ LATENCY_SLACK = 1.15
 BNB8_LATENCY_SLACK = 1.25
 
 
+def _tables(runs: list[Results]) -> list[dict[str, VariantRow]]:
+    """Each run's rows by name; ValueError for a run without the teacher every budget is relative to."""
+    tables = [r.rows() for r in runs]
+    if any("teacher" not in rows for rows in tables):
+        raise ValueError("cannot accept a run without a 'teacher' variant: every budget is relative to it")
+    return tables
+
+
 def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
     """Budgets for every variant, from one or more runs of the same profile, with the slack above.
 
@@ -164,10 +172,7 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
     gate exists to catch (see LATENCY_SLACK).
     Every figure stays inside the schema's ranges (an accuracy floor of 0.3 - 0.6 is 0, not negative).
     """
-    tables = [r.rows() for r in runs]
-    for rows in tables:
-        if "teacher" not in rows:
-            raise ValueError("cannot accept a run without a 'teacher' variant: every budget is relative to it")
+    tables = _tables(runs)
     out = {}
     names = list(dict.fromkeys(name for t in tables for name in t))  # every variant of any run, in run order
     for name in names:
@@ -207,7 +212,7 @@ def gpu_budgets_from(runs: list[Results]) -> tuple[str, dict[str, float], dict[s
         raise ValueError("GPU and CPU runs cannot be accepted together: their latency budgets differ in kind")
     if len(cards) != 1:
         raise ValueError(f"runs on different GPUs cannot be accepted together: {', '.join(sorted(cards))}")
-    tables = [r.rows() for r in runs]
+    tables = _tables(runs)
     names = [n for n in dict.fromkeys(n for t in tables for n in t)
              if not any(t[n].backend.startswith("onnxruntime") for t in tables if n in t)]
     absolute, ratios = {}, {}
@@ -224,9 +229,6 @@ def gpu_budgets_from(runs: list[Results]) -> tuple[str, dict[str, float], dict[s
 def _accept_gpu(runs: list[Results], baselines: Baselines) -> tuple[Baselines, list[str]]:
     """The card's absolute budgets replaced, and the ratio fallback for unknown GPUs taken from these runs; the
     CPU profiles and other cards' entries stay."""
-    for r in runs:
-        if "teacher" not in r.rows():
-            raise ValueError("cannot accept a run without a 'teacher' variant: every budget is relative to it")
     card, absolute, ratios = gpu_budgets_from(runs)
     old_ms, old_ratio = baselines.gpu.latency_ms.get(card, {}), baselines.gpu.latency_ratio
     changes = [f"gpu.latency_ms[{card}].{n}: {old_ms.get(n)} -> {absolute.get(n)}"

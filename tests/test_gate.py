@@ -145,7 +145,7 @@ def test_accepting_gpu_runs_sets_that_cards_absolute_budgets_only(baselines):
     Runtime rows, which run on the CPU); the CPU profile and the other cards' entries are left as they were."""
     before = gpu_baselines(baselines)
 
-    def gpu_run(student_ms: float, student_bnb8=None) -> Results:
+    def gpu_run(student_ms: float) -> Results:
         run = make_results(gpu=H100, student={"latency_ms": {"median": student_ms, "p90": 1.0, "samples": 300}})
         return results([*run.variants, row("student_bnb8", 88.0, 41, 30.0, 4.0, backend="bnb-llm.int8 (cuda)"),
                         row("student_wo8", 88.7, 40, 12.0, 0.28, backend="int8-weight-only (cuda)")], gpu=H100)
@@ -176,9 +176,10 @@ def test_accept_refuses_runs_of_different_machines_together(cards, match):
         accept([make_results(gpu=card) for card in cards], EMPTY)
 
 
-def test_accept_refuses_a_run_without_teacher():
+@pytest.mark.parametrize("gpu", [None, "Tesla T4"])
+def test_accept_refuses_a_run_without_teacher(gpu):
     with pytest.raises(ValueError, match="'teacher'"):
-        accept([make_results(drop={"teacher"})], EMPTY)
+        accept([make_results(gpu=gpu, drop={"teacher"})], EMPTY)
 
 
 # --- breaches ----------------------------------------------------------------------------------------------
