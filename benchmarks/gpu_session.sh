@@ -3,7 +3,7 @@
 #
 #   here, once:   SST2_DIR=../shared/data/sst2 python -m benchmarks.gpu_carry        (.gpu_carry, ~56 MiB)
 #   device call:  bash benchmarks/gpu_session.sh     carry [".gpu_carry"], timeout_s 600
-# (the step limits add up to 590 s; an H200 ran the old smoke run, training and measuring, in 131 s)
+# (steps 1-4's limits add up to 590 s; an H200 ran the old smoke run, training and measuring, in 131 s)
 #
 # 1. `compress run --profile smoke --device cuda`: trains the smoke chain cold on the GPU (stage times: item 4)
 #    and measures every variant as served there: fp32 and wo8 behind CUDA graphs, bnb8 eagerly, batch 1 and 32.
@@ -11,6 +11,8 @@
 # 3. `pytest -m gpu --benchmark-autosave` against that copy (the models load from step 1's cache).
 # 4. `benchmarks.gpu_graphs`: each variant eager against graphed, and each fp32 model's wo8 copy per kernel
 #    (the "before and after" of each technique).
+# 5. `benchmarks.train_speed`: the teacher's training step at batch 32, 128 and 256 (item 4's "full profile in
+#    minutes"); its 60 s may be cut short by the call's limit, after everything else is safe in $OUT.
 # In $OUT (at most 8 files come back): session.log, run/results.{json,md} and pareto.png, the accepted
 # baselines.json and the saved benchmark.json; the last lines printed are the tables.
 # DEVICE=cpu runs the same steps on a CPU (a dry run of the plumbing: no graphs, no wo8 rows, gpu tests skip);
@@ -47,11 +49,14 @@ main() {  # the whole script is read before it runs: editing the file mid-run ca
     step accept 30 python3 -m compression.cli baselines --accept "$out/run/results.json" --baselines "$out/baselines.json"
     step pytest 150 python3 -m pytest benchmarks -m gpu --benchmark-autosave --baselines "$out/baselines.json" \
         -p no:cacheprovider -q -rs
-    step graphs 110 python3 -m benchmarks.gpu_graphs --profile smoke
     saved=$(find .benchmarks -name '*.json' -newer "$out/baselines.json" 2>/dev/null | head -1)
     [ -n "$saved" ] && cp "$saved" "$out/benchmark.json"
+    step graphs 110 python3 -m benchmarks.gpu_graphs --profile smoke
     echo "== the run's table"
     cat "$out/run/results.md" 2>/dev/null | head -40
+    # last, as it is the one step the device call's 600 s may cut short: training steps per batch size
+    if [ "$device" = cuda ]; then speed=(); else speed=(--batch-size 32 128 --steps 4 --warmup-steps 2); fi
+    step train 60 python3 -m benchmarks.train_speed "${speed[@]}"
     return "$status"
 }
 

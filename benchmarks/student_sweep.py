@@ -2,12 +2,17 @@
 
     python -m benchmarks.student_sweep --teacher ~/.cache/model-compression/teacher-XXXX \\
         --alpha 0.5 1.0 --lr 8e-5 --epochs 2 --augment 0 8 --out /tmp/sweep
+    python -m benchmarks.student_sweep --teacher /tmp/teachers/mean-batch32-lr5e-05-epochs5 --cut 3 \\
+        --batch-size 128 --lr 2e-4 4e-4 --epochs 1 --polish 20000 --polish-prune-only --polish-lr 1e-4 --out /tmp/sweep
 
 Holds out `--holdout` whole sentences of train and every phrase of them (`teacher_sweep.leak_free_split`),
 distils the student base (default: the embedded MiniLM-L6) from the teacher's logits on the remaining rows for
 each soft-target weight, temperature, learning rate and augmentation, and prints the held-out accuracy at
 every epoch's end and the table of finished runs. `--augment N` adds N teacher-labelled copies of each whole
-training sentence with words swapped for their embedding-table neighbours (`compression.augment`).
+training sentence with words swapped for their embedding-table neighbours (`compression.augment`). `--cut N`
+makes the student the teacher cut to N layers, as the `minilm` profile's is (`distill.make_student`); its teacher
+must then be one that never saw the held-out sentences (`teacher_sweep.py --save`), as the student starts from
+its weights. `--batch-size` sets the distillation's and the polish passes' batch size.
 
 `--polish N [N ...]` then continues each finished student on N seeded rows for one epoch at `--polish-lr`, as
 the pruning stages' recovery does: rows of train alone (`--polish-from train`, the pipeline's default) or of the
@@ -44,7 +49,8 @@ from compression.artifacts import load_classifier, save_classifier
 from compression.augment import AugmentConfig, augmented_sentences, augmented_with_sources, sentence_rows
 from compression.bases import MINILM, resolve_base
 from compression.data import batches, load_sst2, tokenize
-from compression.distill import DistillConfig, distill, teacher_outputs, with_feature_rows, with_teacher_logits
+from compression.distill import (DistillConfig, distill, make_student, teacher_outputs, with_feature_rows,
+                                 with_teacher_logits)
 from compression.measure import accuracy, predict
 from compression.models import load_base
 from compression.prune import PruneConfig, head_importance, keep_mask_from_scores, prune_heads_
@@ -90,14 +96,14 @@ def reused_augmented(folder: Path, full_sentences: list[str], kept_rows: list[in
 
 def polish(student, train_s, rows_by_source: dict, held_s, tokenizer, distill_config: DistillConfig, lr: float,
            sizes: list[int], seed: int, label: str, prune: bool, uncut: bool = True,
-           features: torch.Tensor | None = None) -> None:
+           features: torch.Tensor | None = None, batch_size: int = 32) -> None:
     """Print held-out accuracy of copies of `student` continued for one epoch on each of `sizes` seeded rows of
     each of `rows_by_source` ({name: rows}): as it is (when `uncut`) and (when `prune`) with the pipeline's share
     of heads removed first, scored on rows of train (`train_s`) as the pipeline scores them. `features`: the
     teacher's pooled vectors the rows' feature_row indexes, for a recipe with the feature term."""
     cuts = ([("polish", False)] if uncut else []) + ([("prune + polish", True)] if prune else [])
     for (name, cut), (source, rows), n in itertools.product(cuts, rows_by_source.items(), sizes):
-        config = TrainConfig(learning_rate=lr, epochs=1.0, max_rows=n, seed=seed)
+        config = TrainConfig(learning_rate=lr, epochs=1.0, max_rows=n, batch_size=batch_size, seed=seed)
         model = copy.deepcopy(student)
         if cut:
             prune_config = PruneConfig()
@@ -120,6 +126,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="the fine-tuned teacher's folder (a cache entry)")
     parser.add_argument("--student", default=MINILM, help="student base (default: the embedded MiniLM-L6)")
+    parser.add_argument("--cut", type=int, help="instead of a base, the student is the teacher cut to this many "
+                        "layers (the minilm profile's student); give a teacher that never saw the held-out "
+                        "sentences (teacher_sweep.py --save)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32], help="training batch size(s); the "
+                        "polish passes use the same")
     parser.add_argument("--data", default=None, help="SST-2 folder (default: $SST2_DIR, else the hub)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the teacher's logits, reused")
     parser.add_argument("--train-logits", type=Path, help="the teacher's logits over all of train, in train's "
@@ -172,8 +183,12 @@ def main() -> None:
     train_rows = train["row"]
     train = train.remove_columns("row")
 
-    student_name = resolve_base(args.student)
-    base, s_tokenizer = load_base(student_name, pooling="mean")
+    if args.cut:
+        base, s_tokenizer = load_classifier(args.teacher)
+        base = make_student(base, args.cut)
+    else:
+        torch.manual_seed(args.seed)  # the new head's initialisation, the same for every recipe
+        base, s_tokenizer = load_base(resolve_base(args.student), pooling="mean")
     held_s = tokenize(held, s_tokenizer)
     train_s = with_teacher_logits(tokenize(train, s_tokenizer), logits)
     table = base.get_input_embeddings().weight.detach()  # the swaps' neighbours: the student's own word pieces
@@ -204,29 +219,28 @@ def main() -> None:
             features[copies] = pooled_train if extra is None else torch.cat([pooled_train, extra])
             with_copies[copies] = with_feature_rows(with_copies[copies])
     rows = []
-    for copies, alpha, temperature, lr, weight in itertools.product(args.augment, args.alpha, args.temperature,
-                                                                     args.lr, args.feature_weight):
+    for copies, alpha, temperature, batch_size, lr, weight in itertools.product(
+            args.augment, args.alpha, args.temperature, args.batch_size, args.lr, args.feature_weight):
         rows_s = with_copies[copies]
-        label = (f"augment={copies} alpha={alpha:g} T={temperature:g} lr={lr:g} epochs={args.epochs:g}"
-                 f"{f' features={weight:g}' if weight else ''}")
-        train_config = TrainConfig(learning_rate=lr, epochs=args.epochs, seed=args.seed)
+        label = (f"augment={copies} alpha={alpha:g} T={temperature:g} batch={batch_size} lr={lr:g} "
+                 f"epochs={args.epochs:g}{f' features={weight:g}' if weight else ''}")
+        train_config = TrainConfig(learning_rate=lr, epochs=args.epochs, batch_size=batch_size, seed=args.seed)
         start = time.perf_counter()
         if args.load:  # a student this recipe trained before (--save): only the polish passes run
             student, _ = load_classifier(str(args.load))
             label = f"{label} (loaded from {args.load})"
         else:
-            torch.manual_seed(train_config.seed)
-            student, _ = load_base(student_name, pooling="mean")
+            student = copy.deepcopy(base)
             distill(None, student, s_tokenizer, rows_s,
                     DistillConfig(temperature=temperature, alpha=alpha, feature_weight=weight), train_config,
                     callbacks=[HeldOutEachEpoch(held_s, s_tokenizer, label)], features=features.get(copies))
         seconds = time.perf_counter() - start
         acc = accuracy(predict(student, held_s, s_tokenizer), held_s["labels"])
-        rows.append((copies, alpha, temperature, lr, weight, len(rows_s), acc, seconds))
+        rows.append((copies, alpha, temperature, batch_size, lr, weight, len(rows_s), acc, seconds))
         print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
         if args.save and not args.load:
-            folder = args.save / (f"augment{copies}-alpha{alpha:g}-T{temperature:g}-lr{lr:g}-epochs{args.epochs:g}"
-                                  f"{f'-features{weight:g}' if weight else ''}")
+            folder = args.save / (f"augment{copies}-alpha{alpha:g}-T{temperature:g}-batch{batch_size}-lr{lr:g}"
+                                  f"-epochs{args.epochs:g}{f'-features{weight:g}' if weight else ''}")
             save_classifier(student, s_tokenizer, folder)
             print(f"saved to {folder}", flush=True)
         if args.polish:
@@ -234,12 +248,13 @@ def main() -> None:
             polish(student, train_s, {k: sources[k] for k in args.polish_from}, held_s, s_tokenizer,
                    DistillConfig(temperature=temperature, alpha=alpha, feature_weight=weight), args.polish_lr,
                    args.polish, args.seed, label, args.polish_prune or args.polish_prune_only,
-                   uncut=not args.polish_prune_only, features=features.get(copies))
-    print("\n| augment copies | alpha | T | lr | feature weight | epochs | rows | held-out acc (%) | train time (s) |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for copies, alpha, temperature, lr, weight, n, acc, seconds in sorted(rows, key=lambda r: -r[6]):
-        print(f"| {copies} | {alpha:g} | {temperature:g} | {lr:g} | {weight:g} | {args.epochs:g} | {n:,} | {acc:.2f} "
-              f"| {seconds:.0f} |")
+                   uncut=not args.polish_prune_only, features=features.get(copies), batch_size=batch_size)
+    print("\n| augment copies | alpha | T | batch | lr | feature weight | epochs | rows | held-out acc (%) "
+          "| train time (s) |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for copies, alpha, temperature, batch_size, lr, weight, n, acc, seconds in sorted(rows, key=lambda r: -r[7]):
+        print(f"| {copies} | {alpha:g} | {temperature:g} | {batch_size} | {lr:g} | {weight:g} | {args.epochs:g} | "
+              f"{n:,} | {acc:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Choose the teacher's fine-tuning hyperparameters on a held-out part of train (never on validation).
 
     python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --holdout 2000 --lr 5e-5 --epochs 3 5 --pooling cls mean
+    python benchmarks/teacher_sweep.py --batch-size 128 --lr 1e-4 2e-4 --epochs 5 --pooling mean
 
-Holds out `--holdout` seeded sentences of train, fine-tunes the base on the rest for each pooling, epoch count
-and learning rate (in the precision `TrainConfig` resolves to here: bf16 where native), and prints the held-out
-accuracy at every epoch's end and of each finished run. The winner goes into the full profile
+Holds out `--holdout` seeded sentences of train, fine-tunes the base on the rest for each pooling, epoch count,
+batch size and learning rate (in the precision `TrainConfig` resolves to here: bf16 where native), and prints the
+held-out accuracy at every epoch's end and of each finished run. The winner goes into the `minilm` profile
 (`compression.profiles.PROFILES`).
 
 SST-2's train split is every phrase of the parse trees of about 6,900 sentences, so a random split leaks: most
@@ -20,11 +21,13 @@ import itertools
 import logging
 import random
 import time
+from pathlib import Path
 
 import datasets
 import torch
 from transformers import TrainerCallback
 
+from compression.artifacts import save_classifier
 from compression.augment import whole_sentences
 from compression.data import load_sst2, tokenize
 from compression.measure import accuracy, predict
@@ -66,11 +69,14 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="base model (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--lr", type=float, nargs="+", default=[2e-5, 4e-5, 6e-5])
     parser.add_argument("--epochs", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[32], help="training batch size(s)")
     parser.add_argument("--pooling", nargs="+", default=["cls"], choices=POOLINGS, help="classifier input(s)")
     parser.add_argument("--holdout", type=int, default=2000, help="whole train sentences held out for choosing")
     parser.add_argument("--min-words", type=int, default=10, help="shortest row held out, in words")
     parser.add_argument("--max-rows", type=int, default=None, help="train on at most this many rows")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--save", type=Path, help="keep each finished teacher here (one subfolder each), for "
+                        "choosing the student's recipe on the same held-out sentences (student_sweep.py --cut)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -78,9 +84,10 @@ def main() -> None:
     split = leak_free_split(sst2.splits["train"], args.holdout, args.min_words, args.seed)
     print(f"held out {len(split['test'])} sentences; training on {len(split['train'])} rows", flush=True)
     rows = []
-    for pooling, epochs, lr in itertools.product(args.pooling, args.epochs, args.lr):
-        label = f"pooling={pooling} lr={lr:g} epochs={epochs:g}"
-        config = TrainConfig(learning_rate=lr, epochs=epochs, max_rows=args.max_rows, seed=args.seed)
+    for pooling, epochs, batch_size, lr in itertools.product(args.pooling, args.epochs, args.batch_size, args.lr):
+        label = f"pooling={pooling} batch={batch_size} lr={lr:g} epochs={epochs:g}"
+        config = TrainConfig(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_rows=args.max_rows,
+                             seed=args.seed)
         torch.manual_seed(config.seed)
         model, tokenizer = load_base(args.base, pooling=pooling)
         train = tokenize(split["train"], tokenizer, config.max_length)
@@ -91,11 +98,15 @@ def main() -> None:
         finetune(model, tokenizer, train, config, callbacks=[HeldOutEachEpoch(held, tokenizer, label)])
         seconds = time.perf_counter() - start
         acc = accuracy(predict(model, held, tokenizer), held["labels"])
-        rows.append((pooling, lr, epochs, acc, seconds))
+        rows.append((pooling, batch_size, lr, epochs, acc, seconds))
         print(f"{label}: held-out accuracy {acc:.2f}% ({seconds:.0f} s)", flush=True)
-    print("\n| pooling | lr | epochs | held-out acc (%) | train time (s) |\n|:--|--:|--:|--:|--:|")
-    for pooling, lr, epochs, acc, seconds in sorted(rows, key=lambda r: -r[3]):
-        print(f"| {pooling} | {lr:g} | {epochs:g} | {acc:.2f} | {seconds:.0f} |")
+        if args.save:
+            folder = args.save / f"{pooling}-batch{batch_size}-lr{lr:g}-epochs{epochs:g}"
+            save_classifier(model, tokenizer, folder)
+            print(f"saved to {folder}", flush=True)
+    print("\n| pooling | batch | lr | epochs | held-out acc (%) | train time (s) |\n|:--|--:|--:|--:|--:|--:|")
+    for pooling, batch_size, lr, epochs, acc, seconds in sorted(rows, key=lambda r: -r[4]):
+        print(f"| {pooling} | {batch_size} | {lr:g} | {epochs:g} | {acc:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

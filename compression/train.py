@@ -116,6 +116,9 @@ def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | Non
         save_strategy="no",
         eval_strategy="no",
         logging_steps=50,
+        # the filter's per-step `isnan(loss) or isinf(loss)` makes the host wait for every GPU step; without it a
+        # NaN loss is logged as NaN (training itself is the same either way)
+        logging_nan_inf_filter=False,
         report_to="none",
         use_cpu=use_cpu,
         dataloader_num_workers=0,

@@ -123,6 +123,7 @@ def test_training_arguments_follow_config(tmp_path):
     assert args.output_dir == str(tmp_path)
     assert args.get_warmup_steps(1000) == 60  # warmup_ratio 0.06 of the total steps
     assert str(args.train_sampling_strategy).endswith("group_by_length")
+    assert args.logging_nan_inf_filter is False  # a host sync per step on a GPU
 
 
 def test_training_uses_the_fused_optimizer_everywhere_and_tf32_on_new_gpus(tmp_path, monkeypatch):
