@@ -3,10 +3,10 @@
     python -m benchmarks.train_speed                          # batch 32, 128, 256; 10 + 40 steps each
     python -m benchmarks.train_speed --batch-size 32 128 --steps 10 --warmup-steps 3   # a quick look on a CPU
 
-Fine-tunes a fresh copy of the embedded MiniLM-L6 (the teacher's base, mean-pooled) with the profile's Trainer
-set-up (`compression.train.training_arguments`: length-grouped batches, bf16 where native, fused AdamW) on the
-first `batch x (warmup + steps)` rows of train, and times the steps after the warm-up ones (lazy CUDA/cuBLAS
-set-up, allocator growth). Prints per batch size the steps and rows per second and the projected time of 5 epochs
+Fine-tunes a fresh copy of the embedded MiniLM-L6 (the teacher's base, mean-pooled) as every stage trains
+(`compression.train.finetune`: length-grouped batches, bf16 where native, fused AdamW) on the first
+`batch x (warmup + steps)` rows of train, and times the steps after the warm-up ones (lazy CUDA/cuBLAS set-up,
+allocator growth). Prints per batch size the steps and rows per second and the projected time of 5 epochs
 over all 67,349 rows. Issue 13's item 4: on a GPU a step of this model is host-bound (launches, Python), so a
 larger batch does the same epoch in fewer steps; a recipe at a new batch size must be re-chosen on held-out
 sentences (`benchmarks/teacher_sweep.py --batch-size`). It is a timing: run it on a quiet machine.
@@ -18,44 +18,43 @@ import argparse
 import copy
 import logging
 import sys
-import tempfile
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
-from compression.data import collator, load_sst2, tokenize
+from compression.data import load_sst2, tokenize
 from compression.models import load_base
-from compression.train import TrainConfig, training_arguments
+from compression.train import TrainConfig, finetune
 
 TRAIN_ROWS = 67_349  # SST-2 train
 EPOCHS = 5  # the minilm profile's teacher
 
 
 class StepClock(TrainerCallback):
-    """perf_counter at the end of step `start` and of the last step (on a GPU, after a synchronize)."""
+    """perf_counter at the end of step `start` and of the last step, each after a synchronize on a GPU (only
+    there: a synchronize every step would stop the host from queueing ahead, which is what is being timed)."""
 
     def __init__(self, start: int):
         self.start, self.t0, self.t1 = start, None, None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step not in (self.start, state.max_steps):
+            return
         if torch.cuda.is_available() and not args.use_cpu:
             torch.cuda.synchronize()
         if state.global_step == self.start:
             self.t0 = time.perf_counter()
-        self.t1 = time.perf_counter()
+        else:
+            self.t1 = time.perf_counter()
 
 
 def time_steps(model, tokenizer, train, batch_size: int, warmup: int, steps: int) -> float:
-    """Seconds per training step of `model` at `batch_size`, over `steps` steps after `warmup` untimed ones."""
-    config = TrainConfig(batch_size=batch_size, epochs=1.0)
+    """Seconds per training step of `model` at `batch_size`, over `steps` steps after `warmup` untimed ones,
+    trained as every stage is (`compression.train.finetune`)."""
     rows = train.select(range(batch_size * (warmup + steps)))
     clock = StepClock(warmup)
-    with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
-        args = training_arguments(config, tmp)
-        args.logging_steps = warmup + steps + 1  # no loss read-back inside the timed steps
-        Trainer(model=model, args=args, train_dataset=rows, data_collator=collator(tokenizer),
-                processing_class=tokenizer, callbacks=[clock]).train()
+    finetune(model, tokenizer, rows, TrainConfig(batch_size=batch_size, epochs=1.0), callbacks=[clock])
     return (clock.t1 - clock.t0) / steps
 
 
