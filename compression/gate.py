@@ -142,18 +142,31 @@ def failure_message(f: Finding, results_hint: str = "RESULTS") -> str:
 
 # Slack added to what a run measured. Accuracy and flips are deterministic on one machine (seeded training,
 # fixed threads), so a few sentences of slack covers other CPUs. Latency ratios (blocked pairing) are not: the
-# int8 student read 0.096-0.110 of the teacher in five fresh smoke runs on one machine (15% apart). A budget
-# from the worst accepted run plus 10% then sat above a 20% slowdown of the usual ratio (CI: 0.118 passed
-# 0.121), so the ratio budget is the median accepted run plus 15%: a fresh-clone CI run read pruned_student_int8
-# 13% over its median (0.104 against 0.103 at +12%), and a 20% slowdown of the median run still breaks it. The benchmarks re-time a breach before failing it
-# (median of up to three timings); benchmarks/gate_noise.py counts false alarms and slowdowns caught.
+# ratio budget is the median accepted run times a slack per kind of row (`latency_slack`), and the benchmarks
+# re-time a breach before failing it (median of up to three timings); benchmarks/gate_noise.py counts false
+# alarms and injected slowdowns caught.
 ACCURACY_SLACK = 0.6  # points (about 5 of 872 sentences)
 FLIP_SLACK = 4
 SIZE_SLACK = 1.02
+# fp32 rows: PyTorch against PyTorch, the steadiest ratio (student 0.49-0.54 of the teacher in 24 one-pass
+# timings); a 20% slowdown of the median run breaks it.
 LATENCY_SLACK = 1.15
+# ONNX Runtime int8 rows: their ratio to the fp32 teacher drifts with the machine's state (an int8 model's working
+# set sits in the shared L3 cache, the fp32 teacher's does not). student_int8 read 0.093-0.125 in 24 one-pass
+# timings on one quiet machine and 0.115-0.130 in a fresh-clone CI run that failed at x1.15 (2026-11-27); three
+# accepted runs an hour later read 0.093-0.112. So these rows get x1.30 and are held to catching a 40% slowdown,
+# not a 20% one (benchmarks/test_cpu_gates.py injects it).
+INT8_LATENCY_SLACK = 1.30
 # bnb8 on a CPU is the noisiest row (a dequantising fallback, not what bnb8 is for): its ratio wandered 0.63-0.76
 # in unchanged timings on one machine, so its gate is looser and catches a ~35% slowdown, not a 20% one.
 BNB8_LATENCY_SLACK = 1.25
+
+
+def latency_slack(name: str) -> float:
+    """The CPU latency-ratio slack of variant `name`: by its backend, read from the name's suffix."""
+    if name.endswith("_bnb8"):
+        return BNB8_LATENCY_SLACK
+    return INT8_LATENCY_SLACK if name.endswith("_int8") else LATENCY_SLACK
 
 
 def _tables(runs: list[Results]) -> list[dict[str, VariantRow]]:
@@ -169,7 +182,7 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
 
     Accuracy, flips and size take the worst run: they are deterministic on one machine, so normally all agree.
     The latency ratio takes the median run: one noisy accepted run must not lift a budget past the slowdown the
-    gate exists to catch (see LATENCY_SLACK).
+    gate exists to catch (see latency_slack).
     Every figure stays inside the schema's ranges (an accuracy floor of 0.3 - 0.6 is 0, not negative).
     """
     tables = _tables(runs)
@@ -187,8 +200,7 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
         }
         if name != "teacher":
             ratio = statistics.median(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
-            slack = BNB8_LATENCY_SLACK if name.endswith("_bnb8") else LATENCY_SLACK
-            b["max_latency_ratio"] = max(0.001, round(ratio * slack, 3))
+            b["max_latency_ratio"] = max(0.001, round(ratio * latency_slack(name), 3))
         out[name] = Budgets(**b)
     return out
 

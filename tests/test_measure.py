@@ -370,8 +370,24 @@ def test_paired_latency_rejects_bad_arguments(validation, tiny_tokenizer):
     examples = single_examples(validation, tiny_tokenizer, limit=3)
     with pytest.raises(ValueError, match="3 examples but 2 reference"):
         paired_latency(FakeClassifier(), FakeClassifier(), examples, reference_examples=examples[:2])
-    with pytest.raises(ValueError, match="block must be >= 1"):
+    with pytest.raises(ValueError, match="block=0"):
         paired_latency(FakeClassifier(), FakeClassifier(), examples, block=0)
+    with pytest.raises(ValueError, match="passes=0"):
+        paired_latency(FakeClassifier(), FakeClassifier(), examples, passes=0)
+
+
+def test_paired_latency_passes_repeat_the_blocks_and_pool_their_ratios(monkeypatch, validation, tiny_tokenizer):
+    # the model is slow on its first pass only: over three passes the median block ratio is the usual one
+    clock, log = _Clock(), []
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=clock))
+    model = _Costly(clock, log, "m", lambda i: 6.0 if i < 14 else 2.0)  # warm-up (4 calls), first pass (2 blocks of 5)
+    ref = _Costly(clock, log, "r", lambda i: 4.0)
+    examples = single_examples(validation, tiny_tokenizer, limit=8)
+    p = paired_latency(model, ref, examples, warmup=2, warmup_seconds=0, block=4, lead=1, passes=3)
+    assert "".join(log) == "rrrrmmmm" + ("r" * 5 + "m" * 5) * 6
+    assert p.block_ratios == pytest.approx((1.5, 1.5, 0.5, 0.5, 0.5, 0.5))
+    assert p.ratio == pytest.approx(0.5)
+    assert p.model.samples == p.reference.samples == 24
 
 
 def test_latency_needs_examples():
