@@ -5,8 +5,9 @@
 
 Each rerun times every variant beside the teacher exactly as `pytest benchmarks` does (`gated_latency`: blocked
 pairing, a breach re-measured up to three timings), once unchanged and once with a busy-wait of 20% of its
-forward added to every call (40% for the int8 rows, whose gate is looser: benchmarks.conftest.slowdown_for), and judges both against baselines.json. Prints per variant the budget, the judged
-ratios, the false alarms and the slowdowns caught. Run it on a quiet machine: it is a timing.
+forward added to every call (40% for the int8 rows, whose gate is looser: benchmarks.conftest.slowdown_for),
+and judges both against baselines.json. Prints per variant the budget, the judged ratios, the false alarms and
+the slowdowns caught. Run it on a quiet machine: it is a timing.
 """
 
 from __future__ import annotations

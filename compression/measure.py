@@ -38,9 +38,9 @@ WARMUP_SECONDS = 0.3
 # on one thread the same ratio stayed within 7%, background load included. The table's columns keep the run's
 # thread count: this is the regression signal, not the deployment figure.
 GATE_THREADS = 1
-# Passes over the timed sentences per gate timing. One pass (10 blocks of 30) read student_int8 at 0.093-0.125 of
-# the teacher in 24 unchanged timings on one quiet machine, and a fresh-clone CI run read 0.115-0.130 (2026-11-27):
-# three passes (30 blocks) narrowed the spread of the unchanged runs (benchmarks/gate_noise.py).
+# Passes over the timed sentences per gate timing (30 blocks instead of 10 for the median). In 8 reruns of
+# student_int8 against the teacher on one quiet machine, one pass read 0.093-0.114 and three passes of the same
+# timings 0.095-0.112: a little narrower. Most of the spread is the machine's state (gate.INT8_LATENCY_SLACK).
 GATE_PASSES = 3
 
 
