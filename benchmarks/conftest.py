@@ -160,12 +160,14 @@ def timed_rounds(benchmark, model, examples, warmup: int) -> float:
 # one disturbed timing neither fails a build nor hides a real slowdown, which shows in every timing.
 ATTEMPTS = 3
 SLOWDOWN = 0.20  # the injected slowdown the CPU gate must catch (a busy-wait of this fraction of each call)
-INT8_SLOWDOWN = 0.40  # what the looser gate of the ONNX Runtime int8 rows must catch (gate.INT8_LATENCY_SLACK)
+LOOSE_SLOWDOWN = 0.40  # what the looser gates (int8 and bnb8 rows: gate.latency_slack) must catch
 
 
 def slowdown_for(name: str) -> float:
-    """The injected slowdown variant `name`'s latency gate must catch: by its backend, as its slack is chosen."""
-    return INT8_SLOWDOWN if name.endswith("_int8") else SLOWDOWN
+    """The injected slowdown variant `name`'s latency gate must catch: 20% where its slack is the tightest."""
+    from compression import gate
+
+    return SLOWDOWN if gate.latency_slack(name) <= gate.LATENCY_SLACK else LOOSE_SLOWDOWN
 
 
 @dataclass
@@ -189,13 +191,13 @@ def gated_latency(suite: Suite, name: str, model, baselines, attempts: int = ATT
     that median is decided (a pass first time, or a majority of breaches).
     """
     from compression import gate
-    from compression.measure import GATE_PASSES, GATE_THREADS, paired_latency
+    from compression.measure import gate_paired_latency
 
     teacher = suite.variant("teacher").model
     out = GatedLatency(findings=[])
     while len(out.ratios) < attempts:
-        p = paired_latency(model, teacher, suite.examples(name), suite.run.profile.warmup,
-                           reference_examples=suite.examples("teacher"), threads=GATE_THREADS, passes=GATE_PASSES)
+        p = gate_paired_latency(model, teacher, suite.examples(name), suite.run.profile.warmup,
+                                suite.examples("teacher"))
         out.ratios.append(p.ratio)
         out.model_ms, out.reference_ms = p.model.median, p.reference.median
         results = suite.results([suite.row("teacher", p.reference.median),

@@ -2,6 +2,7 @@
 
     python -m benchmarks.paired out/results.json --reference student_int8 --variants pruned_student_int8 slim_student_int8
     python -m benchmarks.paired out/results.json --reference student_int8 --threads 1 2 --repeats 3
+    python -m benchmarks.paired out/results.json --reference teacher --variants student_int8 --threads 1 --repeats 8
 
 Reads the variants from the folders a `compress run` results.json names, so it times exactly the run's models.
 Each variant reads the same validation sentences (the first `--examples`) through its own tokenizer. Prints,
@@ -29,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", help="variants to time (default: every other one in the file)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=1, help="passes over the sentences per timing (the gate: 3)")
     parser.add_argument("--examples", type=int, default=300, help="validation sentences timed (default 300)")
     parser.add_argument("--data", help="SST-2 folder (default: $SST2_DIR, else GLUE from the hub)")
     args = parser.parse_args(argv)
+    if args.passes < 1 or args.repeats < 1:
+        parser.error("--passes and --repeats must be >= 1")
     try:
         results: Results = read_results(args.results)
     except (OSError, ValueError) as err:
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         model, examples = load(name)
         for threads in args.threads:
             ratios = [paired_latency(model, reference, examples, reference_examples=reference_examples,
-                                     threads=threads).ratio for _ in range(args.repeats)]
+                                     threads=threads, passes=args.passes).ratio for _ in range(args.repeats)]
             print(f"{name:24s} {threads} thread{'s' if threads > 1 else ' '}  median {statistics.median(ratios):.3f}"
                   f"  ({', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
     return 0

@@ -15,6 +15,7 @@ Named `measure` rather than `evaluate` so as not to shadow the `evaluate` packag
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import statistics
 import time
@@ -270,13 +271,25 @@ def paired_latency(
     latency(reference, theirs_in[:warmup], warmup, 1, warmup_seconds)
     latency(model, examples[:warmup], warmup, 1, warmup_seconds)
     mine, theirs, ratios = [], [], []
-    for i in [i for _ in range(passes) for i in range(0, len(examples), block)]:
+    for _, i in itertools.product(range(passes), range(0, len(examples), block)):
         t = _timed_calls(reference, theirs_in[i : i + block], lead)
         m = _timed_calls(model, examples[i : i + block], lead)
         theirs += t
         mine += m
         ratios.append(statistics.median(m) / statistics.median(t))
     return PairedLatency(_summary(mine), _summary(theirs), statistics.median(ratios), tuple(ratios))
+
+
+def gate_paired_latency(
+    model: torch.nn.Module,
+    reference: torch.nn.Module,
+    examples: list[dict[str, torch.Tensor]],
+    warmup: int,
+    reference_examples: list[dict[str, torch.Tensor]] | None = None,
+) -> PairedLatency:
+    """`paired_latency` as the CPU gate times it (GATE_THREADS, GATE_PASSES): in `compress run` and the benchmarks."""
+    return paired_latency(model, reference, examples, warmup, reference_examples=reference_examples,
+                          threads=GATE_THREADS, passes=GATE_PASSES)
 
 
 def _with_threads(model: torch.nn.Module, threads: int) -> torch.nn.Module:

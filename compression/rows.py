@@ -14,13 +14,11 @@ from compression.artifacts import size_mb
 from compression.data import tokenize
 from compression.graphs import serving
 from compression.measure import (
-    GATE_PASSES,
-    GATE_THREADS,
     accuracy,
     e2e_latency,
     flips,
+    gate_paired_latency,
     latency,
-    paired_latency,
     predict,
     predict_single,
     single_examples,
@@ -150,9 +148,7 @@ def measure_variants(run: Run, progress: Callable[[str], None] = no_progress) ->
         if v is not teacher:
             # The gate's ratio is timed in blocks alternating with the teacher's, so both see the same machine
             # state, on one thread (measure.GATE_THREADS); the table's latency is the standalone figure above.
-            paired = paired_latency(served, teacher_served, examples, warmup=run.profile.warmup,
-                                    reference_examples=teacher_examples, threads=GATE_THREADS,
-                                    passes=GATE_PASSES)
+            paired = gate_paired_latency(served, teacher_served, examples, run.profile.warmup, teacher_examples)
             row["latency_ratio"] = round(paired.ratio, 4)
         row["latency_ms"] = {"median": round(lat.median, 3), "p90": round(lat.p90, 3), "samples": lat.samples}
         e2e = e2e_latency(served, v.tokenizer, timed, warmup=run.profile.warmup, max_length=max_length)

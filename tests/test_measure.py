@@ -343,6 +343,23 @@ def test_paired_latency_ratio_is_the_median_block_ratio(monkeypatch, validation,
     assert p.ratio == pytest.approx(0.5)
 
 
+def test_gate_paired_latency_times_as_the_gate_does(monkeypatch, validation, tiny_tokenizer):
+    from compression.measure import GATE_PASSES, GATE_THREADS, gate_paired_latency
+
+    seen = set()
+
+    class Recording(FakeClassifier):
+        def forward(self, **batch):
+            seen.add(torch.get_num_threads())
+            return super().forward(**batch)
+
+    examples = single_examples(validation, tiny_tokenizer, limit=5)
+    p = gate_paired_latency(Recording(), FakeClassifier(), examples, warmup=1)
+    assert seen == {GATE_THREADS}
+    assert p.model.samples == p.reference.samples == 5 * GATE_PASSES
+    assert len(p.block_ratios) == GATE_PASSES  # one block of 5 sentences per pass
+
+
 def test_paired_latency_on_given_threads_reopens_onnx_models_and_restores_torch(monkeypatch, validation,
                                                                                  tiny_tokenizer):
     seen = {}
