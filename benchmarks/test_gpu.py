@@ -6,9 +6,10 @@ Each model is timed as `compress run` serves it on a GPU (`compression.graphs.se
 where its kernels can be captured (fp32, wo8), eagerly where not (bnb8).
 
 Each variant's batch-1 median is gated against the absolute budget for this GPU in baselines.json
-(`gpu.latency_ms["<device name>"]`; the `Tesla T4` entry holds the reference table's figures), or, for a GPU
-without an entry, against the ratio-to-teacher fallback (`gpu.latency_ratio`). Accuracy is gated on the CPU,
-where CI runs; here it is recorded in the benchmark's extra_info.
+(`gpu.latency_ms["<device name>"]`; the `Tesla T4` entry holds the reference table's figures), or, for a variant
+the card's entry lacks, against the ratio-to-teacher fallback (`gpu.latency_ratio`); a variant with neither
+skips, naming the command that sets one. Accuracy is gated on the CPU, where CI runs; here it is recorded in the
+benchmark's extra_info.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def test_gpu_latency(benchmark, gpu_suite, baselines, gpu_teacher_median, name):
     results = gpu_suite.results([gpu_suite.row("teacher", gpu_teacher_median), gpu_suite.row(name, median)],
                                 gpu=device_name)
     findings = [f for f in gate.check(results, baselines, only={name}) if f.metric.startswith("latency")]
-    if name == "teacher" and not findings:  # unknown GPU: the teacher is the ratio's denominator
+    if name == "teacher" and not findings:  # the fallback ratios' denominator: timed twice, the two must agree
         assert 0.8 < median / gpu_teacher_median < 1.25, "teacher timed twice disagrees"
         return
-    assert findings, f"baselines.json has no GPU latency budget for {name} on {device_name}"
+    if not findings:  # ungated on this card, as `compress check` notes it (gate.ungated_gpu_latency)
+        pytest.skip(f"no GPU latency budget for {name} on {device_name} (gpu.latency_ms or gpu.latency_ratio in "
+                    f"baselines.json): set one with compress baselines --accept RESULTS of a run on this card")
     assert_findings(findings, name)

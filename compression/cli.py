@@ -148,6 +148,7 @@ def cmd_check(args) -> int:
     try:
         findings = gate.check(results, baselines)
         ungated = gate.ungated(results, baselines)
+        ungated_gpu = gate.ungated_gpu_latency(results, baselines)
     except ValueError as err:  # the two files do not belong together: name both
         raise ValueError(f"{args.results} against {args.baselines}: {err}") from None
     width = max(len(f.variant) for f in findings) if findings else 0
@@ -163,8 +164,12 @@ def cmd_check(args) -> int:
         print(f"note: {name} is not gated: {args.baselines} has no budgets for it in profile "
               f"{results.profile!r}; to gate it: {gate.ACCEPT_HINT.replace('RESULTS', str(args.results))}",
               file=sys.stderr)
+    for name in ungated_gpu:
+        print(f"note: {name}'s latency is not gated on {results.environment.gpu}: {args.baselines} has no GPU "
+              f"budget for it; to gate it: {gate.ACCEPT_HINT.replace('RESULTS', str(args.results))}", file=sys.stderr)
     print(f"{len(findings) - len(failed)} passed, {len(failed)} failed"
-          + (f", {len(ungated)} not gated ({', '.join(ungated)})" if ungated else ""))
+          + (f", {len(ungated)} not gated ({', '.join(ungated)})" if ungated else "")
+          + (f", {len(ungated_gpu)} latency not gated on this GPU ({', '.join(ungated_gpu)})" if ungated_gpu else ""))
     return EXIT_BREACH if failed else 0
 
 

@@ -9,8 +9,8 @@ Both documents are read and validated by `compression.schema` (declared there, d
              "latency_ratio": {"<variant>": x}}}
 
 CPU latency is judged as a ratio to the fp32 teacher measured in the same run (absolute milliseconds on a
-shared machine are noise); GPU latency against absolute per-device budgets, or the ratio fallback for a GPU
-without an entry. Every budget key is optional per variant; an unknown key is an error (a typo would
+shared machine are noise); GPU latency against absolute per-device budgets, or the ratio fallback for a variant
+the card's entry lacks. Every budget key is optional per variant; an unknown key is an error (a typo would
 otherwise switch a gate off silently). This module imports neither torch nor the models: CI gates without them.
 """
 
@@ -67,6 +67,16 @@ def ungated(results: Results, baselines: Baselines) -> list[str]:
     return [r.name for r in results.variants if r.name not in budgets]
 
 
+def ungated_gpu_latency(results: Results, baselines: Baselines) -> list[str]:
+    """On a run on a GPU, the variants that ran on the card (not ONNX Runtime's CPU int8) with no latency budget
+    for it: neither in the card's entry nor in the ratio fallback (reported, not failed, like `ungated`)."""
+    card = results.environment.gpu
+    if not card:
+        return []
+    covered = set(baselines.gpu.latency_ms.get(card, {})) | set(baselines.gpu.latency_ratio)
+    return [r.name for r in results.variants if r.name not in covered and not r.backend.startswith("onnxruntime")]
+
+
 def check(results: Results, baselines: Baselines, only: set[str] | None = None) -> list[Finding]:
     """Every budget of the run's profile (and GPU, if the run was on one) checked against `results`.
 
@@ -105,6 +115,9 @@ def check(results: Results, baselines: Baselines, only: set[str] | None = None) 
     return findings
 
 
+GPU_FALLBACK_METRIC = "latency_ratio (GPU fallback)"
+
+
 def latency_ratio(row: VariantRow, teacher: VariantRow) -> float:
     """The row's paired ratio to the teacher when measured (interleaved timing), else the ratio of medians."""
     if row.latency_ratio is not None:
@@ -113,19 +126,19 @@ def latency_ratio(row: VariantRow, teacher: VariantRow) -> float:
 
 
 def _gpu_findings(rows: dict[str, VariantRow], gpu: GpuBudgets, gpu_name: str) -> list[Finding]:
-    absolute = gpu.latency_ms.get(gpu_name)
+    """The card's absolute budgets, and the ratio-to-teacher fallback for every variant the card's entry lacks
+    (all of them, on a card without an entry). A variant covered by neither is ungated on this card."""
+    absolute = gpu.latency_ms.get(gpu_name, {})
     out = []
-    if absolute is not None:
-        for name, budget in absolute.items():
-            value = rows[name].latency_ms.median if name in rows else None
-            out.append(Finding(name, f"latency_ms[{gpu_name}]", budget, value,
-                               value is not None and value <= budget, "<="))
-        return out
+    for name, budget in absolute.items():
+        value = rows[name].latency_ms.median if name in rows else None
+        out.append(Finding(name, f"latency_ms[{gpu_name}]", budget, value, value is not None and value <= budget, "<="))
     teacher = rows.get("teacher")
     for name, budget in gpu.latency_ratio.items():
+        if name in absolute:
+            continue
         value = latency_ratio(rows[name], teacher) if name in rows and teacher else None
-        out.append(Finding(name, "latency_ratio (unknown GPU)", budget, value,
-                           value is not None and value <= budget, "<="))
+        out.append(Finding(name, GPU_FALLBACK_METRIC, budget, value, value is not None and value <= budget, "<="))
     return out
 
 

@@ -411,6 +411,22 @@ def test_check_variant_without_budgets_is_a_visible_note(capsys, tmp_path, accep
     assert captured.out.splitlines()[-1] == "14 passed, 0 failed, 1 not gated (student_bnb8)"
 
 
+def test_check_gpu_run_without_gpu_budgets_names_each_ungated_latency(capsys, tmp_path, accepted):
+    """A run on a card that baselines.json has no latency budget for: accuracy and size are still gated (the
+    profile's budgets), and each row's latency is named as not gated on that card, with how to gate it."""
+    _, baselines = accepted  # accepted from a CPU run: no GPU entry, no ratio fallback
+    doc = results_doc()
+    doc["environment"].update(device="cuda", gpu="NVIDIA L4")
+    run = write_json(tmp_path / "l4.json", doc)
+    assert main(["check", str(run), "--baselines", str(baselines)]) == 0
+    captured = capsys.readouterr()
+    notes = stderr_lines(captured)
+    assert [n.split("'s latency")[0] for n in notes] == ["note: teacher", "note: student", "note: student_int8"]
+    assert all("not gated on NVIDIA L4" in n and f"--accept {run}" in n for n in notes)
+    assert captured.out.splitlines()[-1] == (  # 12: the CPU run's two latency ratios do not apply on a GPU
+        "12 passed, 0 failed, 3 latency not gated on this GPU (teacher, student, student_int8)")
+
+
 def test_check_missing_budgeted_variant_is_a_breach(capsys, tmp_path, accepted):
     _, baselines = accepted
     doc = results_doc()

@@ -15,6 +15,7 @@ from compression.gate import (
     BNB8_LATENCY_SLACK,
     EMPTY,
     GPU_EAGER_SLACK,
+    GPU_FALLBACK_METRIC,
     GPU_LATENCY_SLACK,
     INT8_LATENCY_SLACK,
     LATENCY_SLACK,
@@ -26,6 +27,7 @@ from compression.gate import (
     latency_ratio,
     latency_slack,
     ungated,
+    ungated_gpu_latency,
 )
 from compression.schema import Baselines, Results, VariantRow, dumps, read_baselines
 
@@ -366,8 +368,11 @@ def test_known_gpu_uses_absolute_budgets(baselines):
         ("student", 6.0, 5.0, True),
         ("student_int8", 1.5, 2.0, False),
     ]
-    assert [(f.variant, f.metric) for f in failed(findings)] == [("student_int8", "latency_ms[Tesla T4]")]
-    assert not any("unknown GPU" in f.metric for f in findings)
+    # the card's entry lacks pruned_student: the ratio fallback judges it; student's own entry wins over its ratio
+    fallback = [(f.variant, f.budget, f.value, f.ok) for f in findings if f.metric == GPU_FALLBACK_METRIC]
+    assert fallback == [("pruned_student", 0.4, 0.45, False)]
+    assert [(f.variant, f.metric) for f in failed(findings)] == [
+        ("student_int8", "latency_ms[Tesla T4]"), ("pruned_student", GPU_FALLBACK_METRIC)]
 
 
 def test_known_gpu_missing_variant(baselines):
@@ -378,13 +383,28 @@ def test_known_gpu_missing_variant(baselines):
 
 def test_unknown_gpu_uses_latency_ratio(baselines):
     findings = check(make_results(gpu="NVIDIA H100 80GB HBM3"), gpu_baselines(baselines))
-    gpu = [f for f in findings if f.metric == "latency_ratio (unknown GPU)"]
+    gpu = [f for f in findings if f.metric == GPU_FALLBACK_METRIC]
     assert [(f.variant, f.budget, f.value, f.ok) for f in gpu] == [
         ("student", 0.6, 0.5, True),
         ("pruned_student", 0.4, 0.45, False),
     ]
     assert not any(f.metric.startswith("latency_ms[") for f in findings)
     assert not any(f.metric == "latency_ratio" for f in findings)
+
+
+@pytest.mark.parametrize("card, expected", [
+    ("Tesla T4", ["student_bnb8"]),  # the card's entry and the ratio fallback cover the rest
+    ("NVIDIA A100-SXM4-40GB", ["teacher", "student_bnb8"]),  # unknown: only the fallback's two variants
+])
+def test_ungated_gpu_latency_names_what_no_gpu_budget_covers(baselines, card, expected):
+    bnb8 = row("student_bnb8", 88.6, 44, 20.0, 9.0, 11_000_000, backend="bitsandbytes LLM.int8")
+    run = results([*make_results().variants, bnb8], gpu=card)
+    b = gpu_baselines(baselines)
+    assert ungated_gpu_latency(run, b) == expected  # student_int8 and teacher_int8 ran on the CPU: not named
+    judged = {f.variant for f in check(run, b) if f.metric.startswith("latency")}
+    on_card = {r.name for r in run.variants if not r.backend.startswith("onnxruntime")}
+    assert judged.isdisjoint(expected) and on_card <= judged | set(expected)  # each on-card row: judged or named
+    assert ungated_gpu_latency(make_results(), b) == []  # a CPU run: its latency is the profile's question
 
 
 def test_gpu_without_any_gpu_budgets(baselines):
