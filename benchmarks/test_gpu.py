@@ -5,11 +5,11 @@
 Each model is timed as `compress run` serves it on a GPU (`compression.graphs.serving`): behind CUDA graphs
 where its kernels can be captured (fp32, wo8), eagerly where not (bnb8).
 
-Each variant's batch-1 median is gated against the absolute budget for this GPU in baselines.json
-(`gpu.latency_ms["<device name>"]`; the `Tesla T4` entry holds the reference table's figures), or, for a variant
-the card's entry lacks, against the ratio-to-teacher fallback (`gpu.latency_ratio`); a variant with neither
-skips, naming the command that sets one. Accuracy is gated on the CPU, where CI runs; here it is recorded in the
-benchmark's extra_info.
+Each variant's batch-1 median is gated against the profile's absolute budget for this GPU in baselines.json
+(`gpu.<profile>.latency_ms["<device name>"]`; the full profile's `Tesla T4` entry holds the reference table's
+figures), or, for a variant the card's entry lacks, against the profile's ratio-to-teacher fallback
+(`gpu.<profile>.latency_ratio`); a variant with neither skips, naming the command that sets one. Accuracy is
+gated on the CPU, where CI runs; here it is recorded in the benchmark's extra_info.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def test_gpu_latency(benchmark, gpu_suite, baselines, gpu_teacher_median, name):
         assert 0.8 < median / gpu_teacher_median < 1.25, "teacher timed twice disagrees"
         return
     if not findings:  # ungated on this card, as `compress check` notes it (gate.ungated_gpu_latency)
-        pytest.skip(f"no GPU latency budget for {name} on {device_name} (gpu.latency_ms or gpu.latency_ratio in "
+        profile = gpu_suite.run.profile.name
+        pytest.skip(f"no GPU latency budget for {name} on {device_name} in profile {profile!r} (gpu.{profile} in "
                     f"baselines.json): set one with compress baselines --accept RESULTS of a run on this card")
     assert_findings(findings, name)

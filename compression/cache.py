@@ -153,10 +153,18 @@ def _try_load(final: Path, load: Callable[[Path], T]) -> tuple[object, str | Non
         return _MISSING, wrong
     try:
         return load(final), None
-    except (ImportError, MemoryError):  # the environment, not the entry: rebuilding would not help
-        raise
     except Exception as err:  # e.g. a file the manifest vouches for, but that this load cannot read
+        if _of_the_machine(err):
+            raise
         return _MISSING, f"loading it failed: {type(err).__name__}: {err}".splitlines()[0]
+
+
+def _of_the_machine(err: Exception) -> bool:
+    """Whether a failed load is the machine's doing, not the entry's (a missing package, memory, the GPU): then
+    rebuilding would not help, and would throw away a sound entry that may have taken hours to train. (By name:
+    this module does not import torch.)"""
+    return (isinstance(err, (ImportError, MemoryError))
+            or type(err).__name__ in ("OutOfMemoryError", "AcceleratorError") or "CUDA" in str(err))
 
 
 def _entry_lock(root: Path, name: str) -> FileLock:

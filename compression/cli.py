@@ -166,7 +166,8 @@ def cmd_check(args) -> int:
               file=sys.stderr)
     for name in ungated_gpu:
         print(f"note: {name}'s latency is not gated on {results.environment.gpu}: {args.baselines} has no GPU "
-              f"budget for it; to gate it: {gate.ACCEPT_HINT.replace('RESULTS', str(args.results))}", file=sys.stderr)
+              f"budget for it in profile {results.profile!r}; to gate it: "
+              f"{gate.ACCEPT_HINT.replace('RESULTS', str(args.results))}", file=sys.stderr)
     print(f"{len(findings) - len(failed)} passed, {len(failed)} failed"
           + (f", {len(ungated)} not gated ({', '.join(ungated)})" if ungated else "")
           + (f", {len(ungated_gpu)} latency not gated on this GPU ({', '.join(ungated_gpu)})" if ungated_gpu else ""))

@@ -265,8 +265,9 @@ def distill(
     train_config: TrainConfig,
     callbacks: list | None = None,
     features: torch.Tensor | None = None,
+    use_cpu: bool | None = None,
 ) -> PreTrainedModel:
-    """Train `student` in place on its tokenized `train` rows; returns it in eval mode.
+    """Train `student` in place on its tokenized `train` rows; returns it in eval mode (`use_cpu`: as `finetune`).
 
     The soft targets are `train`'s `teacher_logits` column when it has one (`with_teacher_logits`), else the live
     `teacher`'s logits on the same inputs. `student` may be `make_student(teacher, n)`, a pruned student being
@@ -299,6 +300,7 @@ def distill(
             train,
             train_config,
             trainer_class=DistillTrainer,
+            use_cpu=use_cpu,
             teacher=teacher if mapping is not None or LOGITS_COLUMN not in train.column_names else None,
             distill=distill_config,
             mapping=mapping,

@@ -5,12 +5,12 @@ Both documents are read and validated by `compression.schema` (declared there, d
     {"schema_version": 1,
      "profiles": {"<profile>": {"<variant>": {"min_accuracy": %, "max_accuracy_drop": points,
                                             "max_flips": n, "max_size_mb": MB, "max_latency_ratio": x}}},
-     "gpu": {"latency_ms": {"<device name>": {"<variant>": ms}},
-             "latency_ratio": {"<variant>": x}}}
+     "gpu": {"<profile>": {"latency_ms": {"<device name>": {"<variant>": ms}},
+                           "latency_ratio": {"<variant>": x}}}}
 
 CPU latency is judged as a ratio to the fp32 teacher measured in the same run (absolute milliseconds on a
-shared machine are noise); GPU latency against absolute per-device budgets, or the ratio fallback for a variant
-the card's entry lacks. Every budget key is optional per variant; an unknown key is an error (a typo would
+shared machine are noise); GPU latency against the run's profile's absolute per-device budgets, or its ratio
+fallback for a variant the card's entry lacks. Every budget key is optional per variant; an unknown key is an error (a typo would
 otherwise switch a gate off silently). This module imports neither torch nor the models: CI gates without them.
 """
 
@@ -61,9 +61,16 @@ def profile_budgets(results: Results, baselines: Baselines) -> dict[str, Budgets
     return budgets
 
 
+def _budgets_of(results: Results, baselines: Baselines) -> dict[str, Budgets]:
+    """`profile_budgets`, except that a run on a GPU of a profile with GPU budgets only has none (not an error)."""
+    if results.environment.gpu and results.profile not in baselines.profiles and results.profile in baselines.gpu:
+        return {}
+    return profile_budgets(results, baselines)
+
+
 def ungated(results: Results, baselines: Baselines) -> list[str]:
     """Variants of the run that no budget of its profile covers (reported, not failed: see README)."""
-    budgets = profile_budgets(results, baselines)
+    budgets = _budgets_of(results, baselines)
     return [r.name for r in results.variants if r.name not in budgets]
 
 
@@ -73,7 +80,8 @@ def ungated_gpu_latency(results: Results, baselines: Baselines) -> list[str]:
     card = results.environment.gpu
     if not card:
         return []
-    covered = set(baselines.gpu.latency_ms.get(card, {})) | set(baselines.gpu.latency_ratio)
+    gpu = baselines.gpu_of(results.profile)
+    covered = set(gpu.latency_ms.get(card, {})) | set(gpu.latency_ratio)
     return [r.name for r in results.variants if r.name not in covered and not r.backend.startswith("onnxruntime")]
 
 
@@ -82,7 +90,7 @@ def check(results: Results, baselines: Baselines, only: set[str] | None = None) 
 
     `only` restricts the check to those variants (the benchmarks check one variant per test).
     """
-    budgets = profile_budgets(results, baselines)
+    budgets = _budgets_of(results, baselines)
     rows = results.rows()
     teacher = rows.get("teacher")
     gpu_name = results.environment.gpu
@@ -111,7 +119,8 @@ def check(results: Results, baselines: Baselines, only: set[str] | None = None) 
         if b.max_latency_ratio is not None and teacher is not None and not gpu_name:
             add(name, "latency_ratio", b.max_latency_ratio, latency_ratio(row, teacher), upper=True)
     if gpu_name:
-        findings += [f for f in _gpu_findings(rows, baselines.gpu, gpu_name) if only is None or f.variant in only]
+        findings += [f for f in _gpu_findings(rows, baselines.gpu_of(results.profile), gpu_name)
+                     if only is None or f.variant in only]
     return findings
 
 
@@ -251,31 +260,33 @@ def gpu_budgets_from(runs: list[Results]) -> tuple[str, dict[str, float], dict[s
     return cards.pop(), absolute, ratios
 
 
-def _accept_gpu(runs: list[Results], baselines: Baselines) -> tuple[Baselines, list[str]]:
-    """The card's absolute budgets replaced, and the ratio fallback for unknown GPUs taken from these runs; the
-    CPU profiles and other cards' entries stay."""
+def _accept_gpu(runs: list[Results], profile: str, baselines: Baselines) -> tuple[Baselines, list[str]]:
+    """The profile's budgets for the card replaced, and its ratio fallback taken from these runs; the CPU budgets,
+    other cards' entries and other profiles' GPU budgets stay."""
     card, absolute, ratios = gpu_budgets_from(runs)
-    old_ms, old_ratio = baselines.gpu.latency_ms.get(card, {}), baselines.gpu.latency_ratio
-    changes = [f"gpu.latency_ms[{card}].{n}: {old_ms.get(n)} -> {absolute.get(n)}"
+    old = baselines.gpu_of(profile)
+    old_ms, old_ratio = old.latency_ms.get(card, {}), old.latency_ratio
+    changes = [f"gpu.{profile}.latency_ms[{card}].{n}: {old_ms.get(n)} -> {absolute.get(n)}"
                for n in sorted(set(old_ms) | set(absolute)) if old_ms.get(n) != absolute.get(n)]
-    changes += [f"gpu.latency_ratio.{n}: {old_ratio.get(n)} -> {ratios.get(n)}"
+    changes += [f"gpu.{profile}.latency_ratio.{n}: {old_ratio.get(n)} -> {ratios.get(n)}"
                 for n in sorted(set(old_ratio) | set(ratios)) if old_ratio.get(n) != ratios.get(n)]
-    gpu = GpuBudgets(latency_ms={**baselines.gpu.latency_ms, card: absolute}, latency_ratio=ratios)
-    return Baselines(schema_version=baselines.schema_version, profiles=baselines.profiles, gpu=gpu), changes
+    fresh = GpuBudgets(latency_ms={**old.latency_ms, card: absolute}, latency_ratio=ratios)
+    return Baselines(schema_version=baselines.schema_version, profiles=baselines.profiles,
+                     gpu={**baselines.gpu, profile: fresh}), changes
 
 
 def accept(runs: list[Results], baselines: Baselines) -> tuple[Baselines, list[str]]:
     """New baselines with the runs' profile replaced by `budgets_from(runs)`, and the changes as lines.
 
-    Runs on a GPU set that card's absolute latency budgets instead (`gpu_budgets_from`): accuracy and size are
+    Runs on a GPU set that profile's budgets for the card instead (`gpu_budgets_from`): accuracy and size are
     gated from CPU runs, where CI runs."""
     if not runs:
         raise ValueError("no run to accept")
-    if any(r.environment.gpu for r in runs):
-        return _accept_gpu(runs, baselines)
     profiles = {r.profile for r in runs}
     if len(profiles) != 1:
         raise ValueError(f"runs of different profiles cannot be accepted together: {', '.join(sorted(profiles))}")
+    if any(r.environment.gpu for r in runs):
+        return _accept_gpu(runs, profiles.pop(), baselines)
     profile = profiles.pop()
     old = baselines.profiles.get(profile, {})
     fresh = budgets_from(runs)

@@ -268,8 +268,9 @@ def paired_latency(
                                   warmup_seconds, reference_examples, block, lead, passes=passes)
         finally:
             torch.set_num_threads(before)
-    latency(reference, theirs_in[:warmup], warmup, 1, warmup_seconds)
-    latency(model, examples[:warmup], warmup, 1, warmup_seconds)
+    if warmup > 0:  # (the warm-up is timed like a run: on the first `warmup` sentences)
+        latency(reference, theirs_in[:warmup], warmup, 1, warmup_seconds)
+        latency(model, examples[:warmup], warmup, 1, warmup_seconds)
     mine, theirs, ratios = [], [], []
     for _, i in itertools.product(range(passes), range(0, len(examples), block)):
         t = _timed_calls(reference, theirs_in[i : i + block], lead)

@@ -187,10 +187,17 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     kwargs = dict(local_files_only=local, use_safetensors=True if local else None)
     if local and not list(Path(name).glob("*.safetensors")):
         raise ValueError(f"{name}: no safetensors weights (other formats are not loaded: they can run code)")
-    # (the keys of compression.prune and compression.prune_ffn, which import this module)
-    if getattr(config, "kept_heads", None) is not None or getattr(config, "kept_neurons", None) is not None:
-        raise ValueError(f"{name}: a pruned model; give the unpruned teacher")
-    model = classifier_class(config).from_pretrained(name, **kwargs)
+    # (the keys of compression.prune, prune_ffn and low_rank, which import this module): shapes from_pretrained
+    # cannot rebuild from a stock config
+    if any(getattr(config, key, None) is not None for key in ("kept_heads", "kept_neurons", "embedding_rank")):
+        raise ValueError(f"{name}: a pruned or factored model; give the unpruned teacher")
+    model, info = classifier_class(config).from_pretrained(name, output_loading_info=True, **kwargs)
+    # transformers only warns (hidden at the CLI's log level) and starts such weights at random
+    unloaded = [*info.get("missing_keys", ()), *(str(k[0]) if isinstance(k, tuple) else str(k)
+                                                 for k in info.get("mismatched_keys", ()))]
+    if unloaded:
+        raise ValueError(f"{name}: {len(unloaded)} weights missing or of another shape (first: {sorted(unloaded)[0]}); "
+                         "a fine-tuned teacher must load whole")
     return model.eval(), tokenizer
 
 

@@ -138,9 +138,9 @@ def build_variants(
     if base is not None and teacher_model is not None:
         raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
     root = cache_root or cache.default_root()
-    profile = replace(profile, teacher=resolve_precision(profile.teacher), student=resolve_precision(profile.student),
-                      recovery=resolve_precision(profile.recovery),
-                      low_rank_recovery=resolve_precision(profile.low_rank_recovery))
+    use_cpu = not str(device).startswith("cuda")  # train where the models run, even where a GPU is idle
+    profile = replace(profile, **{stage: resolve_precision(getattr(profile, stage), use_cpu)
+                                  for stage in ("teacher", "student", "recovery", "low_rank_recovery")})
     sst2 = load_sst2(data)
     train = sst2.splits["train"]
     stages: dict[str, float] = {}
@@ -164,11 +164,15 @@ def build_variants(
         return model.eval()
 
     # teacher: fine-tuned here, or given
+    # Every later key chains from this one, so it names all they depend on that it is not given: the data (the
+    # logits' rows, the students' sentences) and the pooling (a student base's head), a given teacher's too.
+    identity = {"data": sst2.checksum, "pooling": profile.pooling}
     if teacher_model is None:
-        identity = {"base": base_fingerprint(teacher_name), "data": sst2.checksum, "pooling": profile.pooling}
+        identity["base"] = base_fingerprint(teacher_name)
         teacher_key = cache.cache_key({**identity, "stage": "teacher", "train": profile.teacher})
-    else:
-        teacher_key = cache.cache_key({"given": base_fingerprint(teacher_name), "stage": "teacher"})
+    else:  # used as it is: only the tokenization its logits are computed at matters of the teacher's recipe
+        identity["given"] = base_fingerprint(teacher_name)
+        teacher_key = cache.cache_key({**identity, "stage": "teacher", "max_length": profile.teacher.max_length})
 
     def build_teacher(folder: Path):
         if teacher_model is not None:
@@ -178,7 +182,8 @@ def build_variants(
         else:
             rows = training_indices(len(train_t), profile.teacher)
             progress(f"fine-tuning the teacher ({teacher_name}, {len(rows or train_t):,} rows)")
-            finetune(base_model, tokenizer, train_t if rows is None else train_t.select(rows), profile.teacher)
+            finetune(base_model, tokenizer, train_t if rows is None else train_t.select(rows), profile.teacher,
+                     use_cpu=use_cpu)
         save_classifier(base_model, tokenizer, folder)
 
     teacher = _timed_cached(root, "teacher", teacher_key, build_teacher, load_fp32, stages)
@@ -292,7 +297,8 @@ def build_variants(
         else:
             progress(f"distilling {profile.student_base} from the teacher's logits")
             student = student_base_model
-        distill(None, student, s_tokenizer, student_set(), profile.distill, profile.student, features=features)
+        distill(None, student, s_tokenizer, student_set(), profile.distill, profile.student, features=features,
+                use_cpu=use_cpu)
         save_classifier(student, s_tokenizer, folder)
 
     student = _timed_cached(root, "student", student_key, build_student, load_fp32, stages)
@@ -328,7 +334,8 @@ def build_variants(
             model = copy.deepcopy(parent)
             cut(model)
             progress(f"recovering the {name.replace('_', ' ')} by distillation")
-            distill(None, model, s_tokenizer, recovery_set(), profile.distill, profile.recovery, features=features)
+            distill(None, model, s_tokenizer, recovery_set(), profile.distill, profile.recovery, features=features,
+                    use_cpu=use_cpu)
             save_classifier(model, s_tokenizer, folder)
 
         return key, _timed_cached(root, name, key, build, load_fp32, stages)
@@ -372,7 +379,7 @@ def build_variants(
             progress("recovering the slim student by distillation")
             train_v = tokenize(train, slim_tokenizer, s_max_length)  # the same tokens as train_s, renumbered
             distill(None, model, slim_tokenizer, soft_rows(train_v, low_rank_rows), profile.distill,
-                    profile.low_rank_recovery, features=features)
+                    profile.low_rank_recovery, features=features, use_cpu=use_cpu)
         save_classifier(model, slim_tokenizer, folder)
 
     def load_slim(folder: Path):

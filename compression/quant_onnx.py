@@ -82,9 +82,17 @@ class OnnxClassifier(nn.Module):
 
 
 def export_onnx(model: PreTrainedModel, path: Path, opset: int = 17) -> None:
-    """Export an fp32 classifier to ONNX with dynamic batch and sequence axes."""
+    """Export an fp32 classifier to ONNX with dynamic batch and sequence axes (traced in eval mode on the CPU;
+    the model is handed back in the mode and on the device it came in)."""
     linear_layers(model)
-    model = model.eval().cpu()
+    training, device = model.training, next(model.parameters()).device
+    try:
+        _export(model.eval().cpu(), path, opset)
+    finally:
+        model.to(device).train(training)
+
+
+def _export(model: PreTrainedModel, path: Path, opset: int) -> None:
     names = [n for n in INPUT_NAMES if n != "token_type_ids" or getattr(model.config, "type_vocab_size", 0) > 0]
     example = {n: torch.ones(2, 8, dtype=torch.long) for n in names}
     example["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)

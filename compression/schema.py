@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -220,10 +221,19 @@ def _not_empty(profile: dict) -> dict:
 
 
 class GpuBudgets(_Strict):
-    """Absolute batch-1 budgets per GPU name, and ratios to the teacher for a GPU without an entry."""
+    """One profile's GPU latency budgets: absolute batch-1 milliseconds per GPU name, and ratios to the teacher for
+    a variant that a card's entry lacks."""
 
     latency_ms: dict[Text, dict[VariantName, Positive]] = {}
     latency_ratio: dict[VariantName, Positive] = {}
+
+
+def _gpu_per_profile(value: Any) -> Any:
+    # the first layout had one GPU block for every profile: a smoke model's budget then judged a full-size one
+    if isinstance(value, dict) and {"latency_ms", "latency_ratio"} & set(value):
+        raise ValueError('GPU budgets are kept per profile: {"gpu": {"<profile>": {"latency_ms": ..., '
+                         '"latency_ratio": ...}}}')
+    return value
 
 
 class Baselines(_Strict):
@@ -234,7 +244,11 @@ class Baselines(_Strict):
         Text,
         Annotated[dict[VariantName, Budgets], AfterValidator(_not_empty), Field(json_schema_extra={"minProperties": 1})],
     ]
-    gpu: GpuBudgets = GpuBudgets()
+    gpu: Annotated[dict[Text, GpuBudgets], BeforeValidator(_gpu_per_profile)] = {}  # per profile
+
+    def gpu_of(self, profile: str) -> GpuBudgets:
+        """The profile's GPU budgets (none: empty)."""
+        return self.gpu.get(profile, GpuBudgets())
 
 
 # --- reading and writing -----------------------------------------------------------------------------------

@@ -132,17 +132,19 @@ def finetune(
     train: datasets.Dataset,
     config: TrainConfig,
     trainer_class: type[Trainer] = Trainer,
+    use_cpu: bool | None = None,
     **trainer_kwargs,
 ) -> PreTrainedModel:
     """Train `model` in place on tokenized `train` rows; returns it in eval mode.
 
-    `trainer_class` / `trainer_kwargs` let distillation reuse this with its own loss.
+    `use_cpu`: train on the CPU even where a GPU is (None: on the GPU if there is one). `trainer_class` /
+    `trainer_kwargs` let distillation reuse this with its own loss.
     """
     tempdirs.sweep_tmp("compression-trainer")  # the Trainer folders of runs that were killed
     with tempfile.TemporaryDirectory(prefix=tempdirs.prefix("compression-trainer")) as tmp:
         trainer = trainer_class(
             model=model,
-            args=training_arguments(config, tmp),
+            args=training_arguments(config, tmp, use_cpu),
             train_dataset=train,
             data_collator=collator(tokenizer),
             processing_class=tokenizer,

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compression import cache
-from compression.cache import COMPLETE, LOCKS, cache_key, cached, default_root
+from compression.cache import COMPLETE, LOCKS, cache_key, cached, default_root, problem
 
 
 def listing(root: Path) -> list[str]:
@@ -205,6 +205,28 @@ def test_load_failing_on_a_verified_entry_is_one_warning_then_rebuilt(tmp_path, 
     (line,) = warnings_of(caplog)
     assert line == f"cache entry {folder} is damaged (loading it failed: ValueError: header too short); rebuilding it"
     assert len(rec.builds) == 2
+
+
+class OutOfMemoryError(RuntimeError):  # named as torch's (torch.OutOfMemoryError), which the cache cannot import
+    pass
+
+
+@pytest.mark.parametrize("error", [OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   ImportError("No module named 'bitsandbytes'"), MemoryError()])
+def test_load_failing_for_the_machine_is_raised_and_the_entry_kept(tmp_path, error):
+    """Memory, the GPU or a missing package: rebuilding would not help, so the sound entry is neither called
+    damaged nor trained again (the teacher's took hours)."""
+    rec, folder = built_entry(tmp_path)
+
+    def load(folder: Path) -> str:
+        raise error
+
+    with pytest.raises(type(error)):
+        cached(tmp_path, "teacher", "k", rec.build, load)
+    assert len(rec.builds) == 1 and problem(folder) is None
+    assert cached(tmp_path, "teacher", "k", rec.build, rec.load) == "weights"  # still there, loaded as it is
+    assert len(rec.builds) == 1
 
 
 def test_load_failing_right_after_a_build_is_raised_not_retried(tmp_path):

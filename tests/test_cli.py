@@ -290,8 +290,9 @@ def test_accept_gpu_run_writes_that_cards_budgets(capsys, tmp_path):
     out = capsys.readouterr().out
     written = json.loads(target.read_text())
     assert written["profiles"] == profiles  # accuracy and size stay gated from the CPU run
-    assert set(written["gpu"]["latency_ms"]["Tesla T4"]) == {r["name"] for r in doc["variants"]} - {"student_int8"}
-    assert "gpu.latency_ms[Tesla T4].teacher: None -> " in out and f"wrote {target}" in out
+    assert set(written["gpu"]["smoke"]["latency_ms"]["Tesla T4"]) == {r["name"] for r in doc["variants"]} - {
+        "student_int8"}
+    assert "gpu.smoke.latency_ms[Tesla T4].teacher: None -> " in out and f"wrote {target}" in out
     # a CPU run and a GPU run together are refused in one line, and the file is left as it was
     before = target.read_bytes()
     assert main(["baselines", "--accept", str(cpu), str(gpu), "--baselines", str(target)]) == EXIT_ERROR
@@ -340,8 +341,9 @@ BAD_BASELINES = [
     ("profiles.smoke.student.max_flips", "-1", "profiles.smoke.student.max_flips"),
     ("profiles.smoke.student.max_latency_ratio", "0", "profiles.smoke.student.max_latency_ratio"),
     ("profiles.smoke.student.max_accuracy_drop", "-Infinity", "profiles.smoke.student.max_accuracy_drop"),
-    ("gpu", '{"latency_ms": {"Tesla T4": {"student": 0}}}', "gpu.latency_ms.Tesla T4.student"),
-    ("gpu", '{"latency_ratio": {"distilled": 0.5}}', "gpu.latency_ratio.distilled"),
+    ("gpu", '{"smoke": {"latency_ms": {"Tesla T4": {"student": 0}}}}', "gpu.smoke.latency_ms.Tesla T4.student"),
+    ("gpu", '{"smoke": {"latency_ratio": {"distilled": 0.5}}}', "gpu.smoke.latency_ratio.distilled"),
+    ("gpu", '{"latency_ratio": {"student": 0.5}}', "gpu"),  # the first layout, one block for every profile
 ]
 
 

@@ -158,14 +158,15 @@ def test_accepting_gpu_runs_sets_that_cards_absolute_budgets_only(baselines):
 
     runs = [gpu_run(m) for m in (0.30, 0.50, 0.32)]
     new, changes = accept(runs, before)
-    assert new.profiles == before.profiles and new.gpu.latency_ms["Tesla T4"] == before.gpu.latency_ms["Tesla T4"]
-    card = new.gpu.latency_ms[H100]
+    smoke, was = new.gpu_of("smoke"), before.gpu_of("smoke")
+    assert new.profiles == before.profiles and smoke.latency_ms["Tesla T4"] == was.latency_ms["Tesla T4"]
+    card = smoke.latency_ms[H100]
     assert set(card) == {"teacher", "student", "pruned_student", "student_bnb8", "student_wo8"}  # no _int8 rows
     assert card["student"] == round(0.32 * GPU_LATENCY_SLACK, 3)  # the median run's, not the best or worst
     assert card["teacher"] == round(10.0 * GPU_LATENCY_SLACK, 3)
     assert card["student_bnb8"] == round(4.0 * GPU_EAGER_SLACK, 3)  # bnb8 runs eagerly: host-bound, more slack
-    assert new.gpu.latency_ratio["student"] == round(0.032 * GPU_LATENCY_SLACK, 3)
-    assert f"gpu.latency_ms[{H100}].student: None -> {card['student']}" in changes
+    assert smoke.latency_ratio["student"] == round(0.032 * GPU_LATENCY_SLACK, 3)
+    assert f"gpu.smoke.latency_ms[{H100}].student: None -> {card['student']}" in changes
     assert all(line.startswith("gpu.") for line in changes)
     # the accepted run passes its own card's gate, and a 30% slower student fails it
     assert not failed(check(runs[2], new))
@@ -173,6 +174,25 @@ def test_accepting_gpu_runs_sets_that_cards_absolute_budgets_only(baselines):
         ("student", f"latency_ms[{H100}]")]
     _, again = accept(runs, new)
     assert again == []
+
+
+def test_gpu_budgets_are_kept_per_profile(baselines):
+    """A full-size run on a card is judged by the full profile's GPU budgets, never by the smoke models' (which a
+    base-size teacher would break tenfold), and accepting it leaves smoke's as they were."""
+    smoke_on_h100, _ = accept([make_results(gpu=H100)], baselines)
+    full = results(make_results().variants, profile="full", gpu=H100)
+    with pytest.raises(ValueError, match="no profile 'full'"):  # no budget of any kind for full: a wrong file
+        check(full, smoke_on_h100)
+    both, changes = accept([full], smoke_on_h100)
+    assert both.gpu_of("smoke") == smoke_on_h100.gpu_of("smoke") and set(both.gpu) == {"smoke", "full"}
+    assert all(line.startswith("gpu.full.") for line in changes)
+    slower = results([changed(r, latency_ms={"median": r.latency_ms.median * 1.4, "p90": 99.0, "samples": 300})
+                      for r in full.variants], profile="full", gpu=H100)
+    # full has GPU budgets only: its latency is judged, its accuracy is noted as not gated (no CPU budgets)
+    assert {f.variant for f in failed(check(slower, both))} == {"teacher", "student", "pruned_student"}
+    assert not failed(check(full, both)) and ungated(full, both) == [r.name for r in full.variants]
+    with pytest.raises(ValueError, match="different profiles"):
+        accept([make_results(gpu=H100), full], baselines)
 
 
 @pytest.mark.parametrize("cards, match", [(["Tesla T4", None], "GPU and CPU runs"),
@@ -352,10 +372,10 @@ def test_finding_line_ok():
 
 def gpu_baselines(baselines: Baselines, extra: dict | None = None) -> Baselines:
     doc = baselines.model_dump(exclude_none=True)
-    doc["gpu"] = {
+    doc["gpu"] = {"smoke": {
         "latency_ms": {"Tesla T4": {"teacher": 12.0, "student": 6.0, "student_int8": 1.5, **(extra or {})}},
         "latency_ratio": {"student": 0.6, "pruned_student": 0.4},
-    }
+    }}
     return Baselines.model_validate(doc)
 
 

@@ -331,6 +331,15 @@ def test_paired_latency_alternates_blocks_each_led_by_untimed_calls(monkeypatch,
     assert p.model.median == pytest.approx(1.0) and p.reference.median == pytest.approx(4.0)
 
 
+def test_paired_latency_without_warmup_goes_straight_to_the_blocks(monkeypatch, validation, tiny_tokenizer):
+    clock, log = _Clock(), []
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=clock))
+    model, ref = _Costly(clock, log, "m", lambda i: 1.0), _Costly(clock, log, "r", lambda i: 2.0)
+    p = paired_latency(model, ref, single_examples(validation, tiny_tokenizer, limit=6), warmup=0, block=3, lead=1)
+    assert "".join(log) == ("r" * 4 + "m" * 4) * 2  # a profile's warmup 0: no warm-up calls, each block still led
+    assert p.ratio == pytest.approx(0.5)
+
+
 def test_paired_latency_ratio_is_the_median_block_ratio(monkeypatch, validation, tiny_tokenizer):
     # one block of the model disturbed (say, by another process): the judged ratio stays the undisturbed one
     clock, log = _Clock(), []

@@ -111,3 +111,43 @@ def test_mpnet_mean_pooling_reads_the_masked_mean(tiny_mpnet_dir, tiny_mpnet_tok
         mask = batch["attention_mask"].unsqueeze(-1).float()
         expected = model.classifier((hidden * mask).sum(1) / mask.sum(1))
         assert torch.allclose(model(**batch).logits, expected, atol=1e-6)
+
+
+# --- a given (fine-tuned) teacher: loaded whole, or refused ---------------------------------------------------
+
+
+def test_load_finetuned_round_trips_a_saved_classifier(tmp_path, tiny_model, tiny_tokenizer):
+    from compression.artifacts import save_classifier
+    from compression.models import load_finetuned
+
+    save_classifier(tiny_model, tiny_tokenizer, tmp_path)
+    loaded, _ = load_finetuned(str(tmp_path))
+    batch = tiny_tokenizer(["good film", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, tiny_model.eval()(**batch).logits)
+
+
+def test_load_finetuned_refuses_a_factored_model(tmp_path, tiny_model, tiny_tokenizer):
+    from compression.artifacts import save_classifier
+    from compression.low_rank import LowRankConfig, factorize_embeddings_
+    from compression.models import load_finetuned
+
+    factorize_embeddings_(tiny_model, LowRankConfig(8))
+    save_classifier(tiny_model, tiny_tokenizer, tmp_path)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: a pruned or factored model"):
+        load_finetuned(str(tmp_path))
+
+
+def test_load_finetuned_refuses_weights_it_would_start_at_random(tmp_path, tiny_model, tiny_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    from compression.artifacts import save_classifier
+    from compression.models import load_finetuned
+
+    save_classifier(tiny_model, tiny_tokenizer, tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(weights)
+    del tensors["classifier.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 weights missing or of another shape \(first: classifier.weight\)"):
+        load_finetuned(str(tmp_path))

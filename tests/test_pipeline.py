@@ -361,6 +361,46 @@ def test_given_teacher_is_used_as_it_is(tmp_path, tiny_model, tiny_tokenizer, mo
     assert [r["name"] for r in rows_out] == NAMES
 
 
+def test_every_stage_trains_on_the_cpu_for_a_cpu_run(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    """`--device cpu` trains on the CPU even where a GPU is: each stage says so (None would mean "on the GPU if
+    there is one")."""
+    from compression import train
+
+    write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
+    dev = make_sentences(32, seed=2)
+    write_tsv(tmp_path / "sst2" / "dev.tsv", dev)
+    given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, int(sum(y for _, y in dev) * 2 >= 32))
+    asked, real = [], train.training_arguments
+
+    def recording(config, output_dir, use_cpu=None):
+        asked.append(use_cpu)
+        return real(config, output_dir, use_cpu)
+
+    monkeypatch.setattr(train, "training_arguments", recording)
+    build_variants(tiny_profile(), None, str(tmp_path / "sst2"), tmp_path / "cache", "cpu", teacher_model=str(given))
+    assert asked == [True] * 4  # the student, its two pruning recoveries and the low-rank recovery
+
+
+def test_given_teacher_cache_follows_the_data_and_the_pooling(tmp_path, tiny_model, tiny_tokenizer, tiny_base_dir):
+    """A given teacher is the same folder each time, but what is built from it is not: new training sentences
+    (same row count) or another pooling rebuild every stage, none reused from the other run."""
+    dev = make_sentences(32, seed=2)
+    write_tsv(tmp_path / "a" / "train.tsv", make_sentences(96, seed=1))
+    write_tsv(tmp_path / "b" / "train.tsv", [(s, 1 - label) for s, label in make_sentences(96, seed=7)])
+    for name in "ab":
+        write_tsv(tmp_path / name / "dev.tsv", dev)
+    given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, int(sum(y for _, y in dev) * 2 >= 32))
+    runs = {}
+    for data, pooling in (("a", "mean"), ("b", "mean"), ("a", "cls")):
+        profile = tiny_profile(student_base=str(tiny_base_dir), pooling=pooling)
+        runs[data, pooling] = {v.name: v for v in build_variants(profile, None, str(tmp_path / data),
+                                                                 tmp_path / "cache", teacher_model=str(given)).variants}
+    first = runs["a", "mean"]
+    for other in (runs["b", "mean"], runs["a", "cls"]):
+        assert not {v.folder for v in first.values()} & {v.folder for v in other.values()}
+    assert not type(runs["a", "cls"]["student"].model).__name__.startswith("MeanPool")
+
+
 def test_given_teacher_with_swapped_labels_is_refused(tmp_path, tiny_model, tiny_tokenizer):
     write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
     rows = make_sentences(32, seed=2)

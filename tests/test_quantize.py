@@ -101,11 +101,14 @@ def test_int8_weights_take_at_most_half_their_fp32_bytes(tiny_model):
     assert tuple(embeddings.shape) in int8_shapes
 
 
-def test_int8_leaves_the_source_model_alone(tiny_model, tiny_batch):
+@pytest.mark.parametrize("training", [False, True])
+def test_int8_leaves_the_source_model_alone(tiny_model, tiny_batch, training):
     before = tiny_model(**tiny_batch).logits.detach().clone()
+    tiny_model.train(training)
     q = quantize(tiny_model, CONFIGS["int8"])
     assert isinstance(q, OnnxClassifier)
-    assert torch.equal(tiny_model(**tiny_batch).logits, before)
+    assert tiny_model.training == training  # exported in eval mode, handed back in its own
+    assert torch.equal(tiny_model.eval()(**tiny_batch).logits, before)
 
 
 def test_onnx_model_handles_other_batch_sizes_and_lengths(tiny_model, tiny_tokenizer):

@@ -56,7 +56,7 @@ def baselines_doc() -> dict:
             "teacher": {"min_accuracy": 89.4, "max_accuracy_drop": 0.6, "max_flips": 4, "max_size_mb": 88.38},
             "student": {"min_accuracy": 88.2, "max_latency_ratio": 0.6},
         }},
-        "gpu": {"latency_ms": {"Tesla T4": {"teacher": 9.92}}, "latency_ratio": {"student": 0.7}},
+        "gpu": {"smoke": {"latency_ms": {"Tesla T4": {"teacher": 9.92}}, "latency_ratio": {"student": 0.7}}},
     }
 
 
@@ -252,12 +252,17 @@ def test_results_row_missing_a_figure(tmp_path):
         ("profiles.smoke.distilled", '{"max_flips": 3}', "profiles.smoke.distilled", "unknown variant 'distilled'"),
         ("schema_version", '"1"', "schema_version", "Input should be 1"),
         ("gpu", "[]", "gpu", "should be an object"),
-        ("gpu.latency_ms", "[]", "gpu.latency_ms", "should be an object"),
-        ("gpu.latency_ms.Tesla T4.teacher", '"fast"', "gpu.latency_ms.Tesla T4.teacher", "valid number"),
-        ("gpu.latency_ms.Tesla T4.teacher", "0", "gpu.latency_ms.Tesla T4.teacher", "greater than 0"),
-        ("gpu.latency_ratio.student", "null", "gpu.latency_ratio.student", "valid number"),
-        ("gpu.latency_ratio.student", "Infinity", "gpu.latency_ratio.student", "Infinity is not"),
-        ("gpu.speed", "{}", "gpu.speed", "unknown key (known: latency_ms, latency_ratio)"),
+        ("gpu.smoke", "[]", "gpu.smoke", "should be an object"),
+        ("gpu.smoke.latency_ms", "[]", "gpu.smoke.latency_ms", "should be an object"),
+        ("gpu.smoke.latency_ms.Tesla T4.teacher", '"fast"', "gpu.smoke.latency_ms.Tesla T4.teacher", "valid number"),
+        ("gpu.smoke.latency_ms.Tesla T4.teacher", "0", "gpu.smoke.latency_ms.Tesla T4.teacher", "greater than 0"),
+        ("gpu.smoke.latency_ms.Tesla T4.distilled", "1", "gpu.smoke.latency_ms.Tesla T4.distilled",
+         "unknown variant 'distilled'"),
+        ("gpu.smoke.latency_ratio.student", "null", "gpu.smoke.latency_ratio.student", "valid number"),
+        ("gpu.smoke.latency_ratio.student", "Infinity", "gpu.smoke.latency_ratio.student", "Infinity is not"),
+        ("gpu.smoke.speed", "{}", "gpu.smoke.speed", "unknown key (known: latency_ms, latency_ratio)"),
+        # the first layout (one GPU block for every profile) is named, not read as a profile called latency_ms
+        ("gpu", '{"latency_ms": {"Tesla T4": {"teacher": 9.92}}}', "gpu", "GPU budgets are kept per profile"),
     ],
 )
 def test_malformed_baselines(tmp_path, dotted, raw, key, says):
@@ -278,7 +283,8 @@ def test_baselines_missing_version(tmp_path):
 def test_baselines_without_gpu_section():
     doc = baselines_doc()
     del doc["gpu"]
-    assert Baselines.model_validate(doc).gpu.latency_ms == {}
+    assert Baselines.model_validate(doc).gpu == {}
+    assert Baselines.model_validate(doc).gpu_of("smoke").latency_ms == {}
 
 
 def test_budgets_need_at_least_one_key():
