@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from compression.low_rank import RANK_KEY, LowRankConfig, low_rank_shape_
-from compression.models import classifier_class
+from compression.models import check_model_folder, classifier_class, readable_weights
 from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
 from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
 from compression.quant_bnb8 import Bnb8Config, bnb8_from_state, bnb8_state
@@ -77,14 +77,16 @@ def empty_classifier(config: PretrainedConfig) -> PreTrainedModel:
 def load_classifier(folder: str | os.PathLike) -> tuple[PreTrainedModel, "AutoTokenizer"]:
     """Load what `save_classifier` wrote, pruned and mean-pooled models included (safetensors only)."""
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if not _pruned(config):
-        model = classifier_class(config).from_pretrained(folder, local_files_only=True, use_safetensors=True)
-        return model.eval(), tokenizer
-    # A pruned model's tensors do not fit the config's shapes: build full size, cut, then load.
-    model = empty_classifier(config)
-    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    check_model_folder(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    with readable_weights(folder):
+        if not _pruned(config):
+            model = classifier_class(config).from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            return model.eval(), tokenizer
+        # A pruned model's tensors do not fit the config's shapes: build full size, cut, then load.
+        model = empty_classifier(config)
+        model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     return model.eval(), tokenizer
 
 
@@ -112,9 +114,9 @@ def load_model(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, "Aut
         model, tokenizer = load_classifier(folder)
         return model.to(device), tokenizer
     meta = json.loads((folder / QUANT_FILE).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     if meta["backend"] == "int8":
         int8 = Int8Config(**settings)
         model = OnnxClassifier((folder / ONNX_FILE).read_bytes(), config, int8.threads)

@@ -29,6 +29,18 @@ EXIT_ERROR = 2
 EXIT_TERMINATED = worker.EXIT_TERMINATED  # 143, SIGTERM; Ctrl-C is 130
 
 
+def _named(text: str) -> str:
+    """A model name or folder: not empty (an empty --base would otherwise mean "the profile's default")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a model (a Hugging Face id or a folder), got an empty string")
+    return text
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line (some libraries' span several; a JSON key may hold a newline)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every detail (default: stages only)")
@@ -38,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="full", choices=["full", "minilm", "smoke"],
                      help="full: MPNet-base teacher -> MiniLM-L6 student (default; needs the [mpnet] extra); "
                           "minilm: MiniLM-L6 teacher -> 3-layer student; smoke: minutes, on a slice of train")
-    run.add_argument("--base", default=None,
+    run.add_argument("--base", default=None, type=_named,
                      help="the teacher's base: all-mpnet-base-v2 or all-MiniLM-L6-v2 (embedded), a Hugging Face "
                           "id or a local folder (default: the profile's)")
-    run.add_argument("--teacher", default=None,
+    run.add_argument("--teacher", default=None, type=_named,
                      help="an already fine-tuned two-label SST-2 classifier (folder or Hugging Face id), used as the "
                           "teacher as it is: no fine-tuning (excludes --base)")
     run.add_argument("--data", default=None,
@@ -118,8 +130,8 @@ def check_output_folder(option: str, folder: Path) -> None:
 def cmd_run(args) -> int:
     from compression import cache, data
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ValueError(f"--threads must be 1-1024, got {args.threads}")
     data.resolve_data_dir(args.data)  # fail on a bad folder before loading any model
     if args.base is not None and args.teacher is not None:
         raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
@@ -179,7 +191,10 @@ def cmd_baselines(args) -> int:
 
     runs = [schema.read_results(path) for path in args.accept]
     current = schema.read_baselines(args.baselines) if args.baselines.exists() else gate.EMPTY
-    new, changes = gate.accept(runs, current)
+    try:
+        new, changes = gate.accept(runs, current)
+    except ValueError as err:  # the runs together cannot be accepted: name them
+        raise ValueError(f"{', '.join(map(str, args.accept))}: {err}") from None
     report.write_atomic(args.baselines, schema.dumps(new).encode())
     for line in changes or ["no change"]:
         print(line)
@@ -241,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command == "run" and not args.verbose:  # check/baselines/schema never import torch or transformers
+    if args.command in ("run", "export") and not args.verbose:  # check/baselines/schema never import them
         import transformers
 
         transformers.logging.set_verbosity_error()  # e.g. the base model's "classifier newly initialised" report
@@ -253,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option
-        print(f"compress {args.command}: error: {err}", file=sys.stderr)
+        print(f"compress {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as err:
         how, code = ("terminated", EXIT_TERMINATED) if isinstance(err, worker.Terminated) else ("interrupted", 130)

@@ -86,7 +86,17 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _build(folder, work, kind)
+        try:
+            _build(folder, work, kind)
+        except (ValueError, OSError):
+            raise
+        except Exception as err:  # a malformed config or tokenizer, met deep in transformers or onnxruntime
+            raise ValueError(f"{folder}: cannot be exported ({type(err).__name__}: {_first_line(err)})") from None
+        try:  # what predict will do, before anything is put in place
+            text_logits(work, ["a sentence to check the exported folder runs"])
+        except ValueError as err:
+            raise ValueError(f"{folder}: its export does not run: "
+                             f"{str(err).replace(str(work), 'the exported folder')}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(work, 0o777 & ~umask)  # mkdtemp makes 0700; an export is an ordinary folder
@@ -97,9 +107,18 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    """The message on one line (some span several), at most 300 characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _check_out(folder: Path, out: Path, overwrite: bool) -> None:
     """ValueError if writing `out` could damage the variant or a non-empty folder the caller did not give up."""
-    src, dst = folder.resolve(), out.resolve()
+    try:
+        src, dst = folder.resolve(strict=True), out.resolve()
+    except RuntimeError as err:  # a symlink loop (an OSError from Python 3.13)
+        raise ValueError(f"{out}: cannot be resolved ({err})") from None
     if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
         raise ValueError(f"{out}: is, holds or is inside the variant folder {folder}; export somewhere else")
     if out.exists() and not out.is_dir():
@@ -112,6 +131,9 @@ def _build(folder: Path, work: Path, kind: str) -> None:
     """Fill `work` with the deployable files of an fp32 or int8 variant."""
     from transformers import AutoTokenizer  # export needs it; predicting from the result does not
 
+    from compression.models import check_model_folder
+
+    check_model_folder(folder)
     config = read_json(folder / CONFIG_FILE)
     shutil.copy2(folder / CONFIG_FILE, work / CONFIG_FILE)
     if kind == "int8":
@@ -125,7 +147,7 @@ def _build(folder: Path, work: Path, kind: str) -> None:
         model, _ = load_classifier(folder)
         export_onnx(model, work / ONNX_FILE)
     # Saved through transformers so that tokenizer.json exists even where the cache holds only slow files.
-    AutoTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(work)
+    AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False).save_pretrained(work)
     if not (work / TOKENIZER_FILE).is_file():
         raise ValueError(f"{folder}: its tokenizer has no {TOKENIZER_FILE} form (not a `tokenizers` tokenizer)")
     _set_truncation(work / TOKENIZER_FILE, max_length(config))
@@ -193,14 +215,25 @@ def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:
     except Exception as err:
         raise ValueError(f"{folder / TOKENIZER_FILE}: tokenizers cannot read it ({err})") from None
     try:
-        session = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # failures are raised, and reported once, below; not also logged
+        session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
     except Exception as err:
         raise ValueError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({err})") from None
     names = [i.name for i in session.get_inputs()]
+    known = ("input_ids", "attention_mask", "token_type_ids")
+    if not set(names) <= set(known) or "logits" not in [o.name for o in session.get_outputs()]:
+        raise ValueError(f"{folder / ONNX_FILE}: takes {', '.join(names)} and gives "
+                         f"{', '.join(o.name for o in session.get_outputs())}; an exported model takes "
+                         f"{', '.join(known)} (some of them) and gives logits")
     out = []
     for text in texts:
-        enc = tokenizer.encode(text)
+        # a command-line argument that was not UTF-8 arrives with surrogate escapes, which tokenizers refuses
+        enc = tokenizer.encode(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         given = {"input_ids": enc.ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.type_ids}
-        (logits,) = session.run(["logits"], {n: np.array([given[n]], dtype=np.int64) for n in names})
+        try:
+            (logits,) = session.run(["logits"], {n: np.array([given[n]], dtype=np.int64) for n in names})
+        except Exception as err:  # e.g. token ids past the model's embedding table: tokenizer and model disagree
+            raise ValueError(f"{folder}: onnxruntime failed on {text[:40]!r} ({_first_line(err)})") from None
         out.append(logits[0])
     return out

@@ -10,8 +10,9 @@ Both documents are read and validated by `compression.schema` (declared there, d
 
 CPU latency is judged as a ratio to the fp32 teacher measured in the same run (absolute milliseconds on a
 shared machine are noise); GPU latency against the run's profile's absolute per-device budgets, or its ratio
-fallback for a variant the card's entry lacks. Every budget key is optional per variant; an unknown key is an error (a typo would
-otherwise switch a gate off silently). This module imports neither torch nor the models: CI gates without them.
+fallback for a variant the card's entry lacks. Every budget key is optional per variant; an unknown key is an
+error (a typo would otherwise switch a gate off silently). This module imports neither torch nor the models: CI
+gates without them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import statistics
 
 from dataclasses import dataclass
 
-from compression.schema import BUDGET_KEYS, SCHEMA_VERSION, Baselines, Budgets, GpuBudgets, Results, VariantRow
+from compression.schema import BUDGET_KEYS, SCHEMA_VERSION, Baselines, Budgets, GpuBudgets, Results, VariantRow, parse
 
 ACCEPT_HINT = "compress baselines --accept RESULTS"
 EMPTY = Baselines(schema_version=SCHEMA_VERSION, profiles={})
@@ -223,7 +224,7 @@ def budgets_from(runs: list[Results]) -> dict[str, Budgets]:
         if name != "teacher":
             ratio = statistics.median(latency_ratio(t[name], t["teacher"]) for t in tables if name in t)
             b["max_latency_ratio"] = max(0.001, round(ratio * latency_slack(name), 3))
-        out[name] = Budgets(**b)
+        out[name] = parse(Budgets, b, f"the budgets of {name} the runs give")  # e.g. a size that x1.02 overflows
     return out
 
 
@@ -270,7 +271,8 @@ def _accept_gpu(runs: list[Results], profile: str, baselines: Baselines) -> tupl
                for n in sorted(set(old_ms) | set(absolute)) if old_ms.get(n) != absolute.get(n)]
     changes += [f"gpu.{profile}.latency_ratio.{n}: {old_ratio.get(n)} -> {ratios.get(n)}"
                 for n in sorted(set(old_ratio) | set(ratios)) if old_ratio.get(n) != ratios.get(n)]
-    fresh = GpuBudgets(latency_ms={**old.latency_ms, card: absolute}, latency_ratio=ratios)
+    fresh = parse(GpuBudgets, {"latency_ms": {**old.latency_ms, card: absolute}, "latency_ratio": ratios},
+                  f"the GPU budgets the runs on {card} give")
     return Baselines(schema_version=baselines.schema_version, profiles=baselines.profiles,
                      gpu={**baselines.gpu, profile: fresh}), changes
 

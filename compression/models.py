@@ -7,12 +7,16 @@ trained or quantized artifacts is `compression.artifacts`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -151,6 +155,34 @@ def mean_pool_class(model_type: str) -> type:
     return MEAN_POOL_CLASSES[model_type]
 
 
+# The files a tokenizer is read from; a folder with none of them gets a tokenizer of special tokens alone from
+# transformers (every word [UNK]), without a word of warning.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """ValueError naming `folder` (a local model folder) if it holds no tokenizer, or if its config asks for code
+    of its own (transformers would offer to run it; this tool never does)."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # missing or malformed: transformers says so, naming the file
+    if isinstance(config, dict) and "auto_map" in config:
+        raise ValueError(f"{folder}: its config.json asks for custom code (auto_map), which is never run here")
+
+
+@contextmanager
+def readable_weights(name: str | Path) -> Iterator[None]:
+    """Weights that safetensors cannot read (truncated, overwritten) as a ValueError naming `name`."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{name}: its safetensors weights cannot be read ({str(err).splitlines()[0]})") from None
+
+
 def load_base(
     base: str | None, num_labels: int = 2, pooling: str = "cls", cache_root=None
 ) -> tuple[PreTrainedModel, "AutoTokenizer"]:
@@ -162,13 +194,16 @@ def load_base(
     check_pooling(pooling)
     name = resolve_base(base, cache_root)
     local = Path(name).is_dir()
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    if local:
+        check_model_folder(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=False)
     kwargs = dict(num_labels=num_labels, local_files_only=local, use_safetensors=True if local else None)
-    if pooling == "mean":
-        model_type = AutoConfig.from_pretrained(name, local_files_only=local).model_type
-        model = mean_pool_class(model_type).from_pretrained(name, **kwargs)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    with readable_weights(name):
+        if pooling == "mean":
+            model_type = AutoConfig.from_pretrained(name, local_files_only=local, trust_remote_code=False).model_type
+            model = mean_pool_class(model_type).from_pretrained(name, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False, **kwargs)
     log.info("base %s: %s parameters", name, f"{count_parameters(model):,}")
     return model, tokenizer
 
@@ -179,11 +214,13 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     ValueError naming it if it is not a `num_labels`-way classifier.
     """
     local = Path(name).is_dir()
-    config = AutoConfig.from_pretrained(name, local_files_only=local)
+    config = AutoConfig.from_pretrained(name, local_files_only=local, trust_remote_code=False)
     if config.num_labels != num_labels:
         raise ValueError(f"{name}: a {config.num_labels}-label classifier; SST-2 needs {num_labels} "
                          "(0 negative, 1 positive)")
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    if local:
+        check_model_folder(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=False)
     kwargs = dict(local_files_only=local, use_safetensors=True if local else None)
     if local and not list(Path(name).glob("*.safetensors")):
         raise ValueError(f"{name}: no safetensors weights (other formats are not loaded: they can run code)")
@@ -191,7 +228,8 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     # cannot rebuild from a stock config
     if any(getattr(config, key, None) is not None for key in ("kept_heads", "kept_neurons", "embedding_rank")):
         raise ValueError(f"{name}: a pruned or factored model; give the unpruned teacher")
-    model, info = classifier_class(config).from_pretrained(name, output_loading_info=True, **kwargs)
+    with readable_weights(name):
+        model, info = classifier_class(config).from_pretrained(name, output_loading_info=True, **kwargs)
     # transformers only warns (hidden at the CLI's log level) and starts such weights at random
     unloaded = [*info.get("missing_keys", ()), *(str(k[0]) if isinstance(k, tuple) else str(k)
                                                  for k in info.get("mismatched_keys", ()))]

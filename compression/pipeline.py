@@ -29,7 +29,14 @@ from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.augment import augmented_sentences, sentence_rows
 from compression.bases import MINILM, base_fingerprint, resolve_base
 from compression.data import SST2, batches, load_sst2, tokenize
-from compression.distill import distill, make_student, teacher_outputs, with_feature_rows, with_teacher_logits
+from compression.distill import (
+    distill,
+    layer_map,
+    make_student,
+    teacher_outputs,
+    with_feature_rows,
+    with_teacher_logits,
+)
 from compression.low_rank import factorize_embeddings_, saves
 from compression.measure import check_label_order
 from compression.models import count_parameters, layout_for, load_base, load_finetuned
@@ -154,8 +161,13 @@ def build_variants(
     if profile.student_base is None:
         student_type = base_model.config.model_type
         layout_for(student_type, "cutting a student from the teacher", type(base_model).__name__)
+        try:  # checked where the student is cut too, but only after the teacher has trained
+            layer_map(base_model.config.num_hidden_layers, profile.distill.num_layers)
+        except ValueError as err:
+            raise ValueError(f"{teacher_name}: {err}") from None
     else:
-        student_type = AutoConfig.from_pretrained(resolve_base(profile.student_base, root)).model_type
+        student_config = AutoConfig.from_pretrained(resolve_base(profile.student_base, root), trust_remote_code=False)
+        student_type = student_config.model_type
     layout_for(student_type, "head pruning")
     train_t = tokenize(train, tokenizer, profile.teacher.max_length)
 

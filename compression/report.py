@@ -76,9 +76,18 @@ def markdown(results: dict) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so `path` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write via a temporary file in the same folder and rename, so `path` is never half-written. A symlink is
+    written through (the file it names is replaced, the link stays); a file's permission problem names `path`."""
+    if path.is_symlink():
+        try:
+            path = path.resolve()
+        except RuntimeError as err:  # a symlink loop (an OSError from Python 3.13)
+            raise ValueError(f"{path}: cannot be resolved ({err})") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:  # name the file asked for, not a temporary one or a parent
+        raise ValueError(f"{path}: cannot be written ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

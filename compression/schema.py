@@ -60,9 +60,18 @@ VariantName = Annotated[
 Percent = Annotated[float, Field(ge=0, le=100)]
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=2**53)]  # JSON's exact integers: a float comparison cannot overflow
 PerLayer = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]  # a count per encoder layer, >= 1
 Text = Annotated[str, Field(min_length=1)]
+
+
+def _not_bool_or_float(value: Any) -> Any:
+    if isinstance(value, (bool, float)):  # Literal[1] takes true and 1.0, as they equal 1
+        raise ValueError(f"Input should be 1, got {value!r}")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_not_bool_or_float)]
 
 
 class _Strict(BaseModel):
@@ -147,7 +156,7 @@ class Environment(_Strict):
 class Results(_Strict):
     """results.json."""
 
-    schema_version: Literal[1]
+    schema_version: Version
     profile: Text
     base: Text | None = None  # what the teacher was fine-tuned from; None when a fine-tuned teacher was given
     teacher: Text | None = None  # the fine-tuned teacher given with --teacher, used as it is
@@ -239,7 +248,7 @@ def _gpu_per_profile(value: Any) -> Any:
 class Baselines(_Strict):
     """baselines.json."""
 
-    schema_version: Literal[1]
+    schema_version: Version
     profiles: dict[
         Text,
         Annotated[dict[VariantName, Budgets], AfterValidator(_not_empty), Field(json_schema_extra={"minProperties": 1})],
@@ -296,8 +305,10 @@ def read_json(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder, not a JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a results or baselines file") from None
+    except ValueError as err:  # not JSON, not UTF-8, or an integer of more digits than Python converts
+        raise ValueError(f"{path}: not valid JSON ({str(err)[:200]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     found = _first_non_finite(data)
@@ -347,7 +358,8 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
     elif first["type"] == "list_type":
         message = f"should be a list, got {first['input']!r}"
     elif first["type"] not in ("value_error", "assertion_error"):
-        message += f", got {first['input']!r}"
+        shown = repr(first["input"])
+        message += f", got {shown if len(shown) <= 60 else shown[:40] + f'... ({len(shown)} characters)'}"
     return f"key '{key_path(loc) or '(top level)'}': {message}"
 
 

@@ -98,12 +98,20 @@ def test_run_missing_data_dir_subprocess(tmp_path):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("threads", ["0", "-3"])
-def test_run_bad_threads(capsys, sst2_dir, threads):
+@pytest.mark.parametrize("threads", ["0", "-3", "99999999999999999999"])
+def test_run_threads_out_of_range(capsys, sst2_dir, threads):
     assert main(["run", "--threads", threads, "--data", str(sst2_dir)]) == EXIT_ERROR
-    lines = stderr_lines(capsys.readouterr())
-    assert len(lines) == 1
-    assert "--threads" in lines[0] and threads in lines[0]
+    (line,) = stderr_lines(capsys.readouterr())
+    assert line == f"compress run: error: --threads must be 1-1024, got {threads}"
+
+
+@pytest.mark.parametrize("option", ["--base", "--teacher"])
+def test_run_empty_model_name_is_refused_not_the_default(capsys, sst2_dir, option):
+    # argparse's usage error (exit 2), before anything loads: an empty name is not "the profile's default"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--profile", "smoke", option, " ", "--data", str(sst2_dir)])
+    assert exit_.value.code == EXIT_ERROR
+    assert f"{option}: must name a model" in capsys.readouterr().err
 
 
 def test_run_out_is_a_file(capsys, sst2_dir, tmp_path):
@@ -683,3 +691,29 @@ def test_sigterm_handler_is_restored_after_main(capsys):
     before = signal.getsignal(signal.SIGTERM)
     main(["check", "/no/such/results.json"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_accepting_figures_that_overflow_a_budget_is_one_line_naming_the_run(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    before = baselines.read_bytes()
+    huge = write_json(tmp_path / "huge.json", results_doc(student={"size_mb": 1.79e308}))  # x1.02 is infinite
+    assert main(["baselines", "--accept", str(huge), "--baselines", str(baselines)]) == EXIT_ERROR
+    line = one_error_line(capsys, "baselines")
+    assert f"{huge}: the budgets of student the runs give: key 'max_size_mb'" in line
+    assert baselines.read_bytes() == before
+
+
+def test_baselines_behind_a_symlink_are_written_through_it(capsys, tmp_path, accepted):
+    results, baselines = accepted
+    link = tmp_path / "link.json"
+    link.symlink_to(baselines)
+    other = write_json(tmp_path / "other.json", results_doc(student={"flips": 30}))
+    assert main(["baselines", "--accept", str(other), "--baselines", str(link)]) == 0
+    assert link.is_symlink() and "student" in json.loads(baselines.read_text())["profiles"]["smoke"]
+    assert json.loads(baselines.read_text())["profiles"]["smoke"]["student"]["max_flips"] == 34  # the file it names
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    capsys.readouterr()
+    assert main(["baselines", "--accept", str(results), "--baselines", str(tmp_path / "loop1")]) == EXIT_ERROR
+    assert "loop1: cannot be resolved" in one_error_line(capsys, "baselines")
+    assert (tmp_path / "loop1").is_symlink()  # not replaced by a file

@@ -246,12 +246,13 @@ def test_failed_export_leaves_out_as_it_was(saved_all, tmp_path, monkeypatch):
         raise RuntimeError("export failed")
 
     monkeypatch.setattr(compression.quant_onnx, "export_onnx", broken)
-    with pytest.raises(RuntimeError):
+    failure = r"cannot be exported \(RuntimeError: export failed\)"  # one line naming the folder, not a traceback
+    with pytest.raises(ValueError, match=failure):
         export_variant(saved_all["cls"].fp32, tmp_path / "new")
     out = tmp_path / "old"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=failure):
         export_variant(saved_all["cls"].fp32, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
@@ -380,3 +381,74 @@ def test_cli_predict_on_a_folder_not_exported(capsys, tmp_path):
     assert main(["predict", str(tmp_path), "good"]) == EXIT_ERROR
     line = stderr_line(capsys)
     assert line.startswith("compress predict: error: ") and str(tmp_path) in line
+
+
+# --- damaged variants and outputs: one line naming the folder, nothing written ----------------------------------
+
+
+def copy_variant(saved_all, kind: str, tmp_path) -> Path:
+    import shutil
+
+    folder = tmp_path / f"variant-{kind}"
+    shutil.copytree(getattr(saved_all["cls"], kind), folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+     "its safetensors weights cannot be read"),
+    (lambda f: [p.unlink() for p in f.iterdir() if p.name.startswith(("tokenizer", "vocab", "special"))],
+     "no tokenizer"),  # else transformers builds a tokenizer of special tokens alone: every word [UNK]
+    (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
+                                                          "id2label": ["negative", "positive"]})),
+     "cannot be exported (AttributeError"),  # met deep in transformers: one line, not its traceback
+    (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
+                                                          "model_type": "evilnet", "auto_map": {
+                                                              "AutoConfig": "evil.EvilConfig"}})),
+     "asks for custom code (auto_map)"),  # refused without asking (trust_remote_code is never on)
+])
+def test_damaged_fp32_variant_is_one_error_and_nothing_written(saved_all, tmp_path, damage, says):
+    folder = copy_variant(saved_all, "fp32", tmp_path)
+    damage(folder)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}.*{re.escape(says)}") as err:
+        export_variant(folder, tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_int8_variant_whose_onnx_does_not_load_is_refused_before_it_is_placed(saved_all, tmp_path):
+    folder = copy_variant(saved_all, "int8", tmp_path)
+    (folder / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}: its export does not run: .*onnxruntime"):
+        export_variant(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_symlink_loop_is_refused(saved_all, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'a'))}: cannot be resolved"):
+        export_variant(saved_all["cls"].int8, tmp_path / "a")
+
+
+def test_predict_names_a_model_that_takes_other_inputs(saved_all, tmp_path):
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(saved_all["cls"].int8_out, folder)
+    model = onnx.load(folder / "model.onnx")
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "pixels"
+    for node in model.graph.node:
+        node.input[:] = ["pixels" if name == old else name for name in node.input]
+    onnx.save(model, folder / "model.onnx")
+    with pytest.raises(ValueError, match="takes pixels.*an exported model takes input_ids"):
+        predict_texts(folder, ["good"])
+
+
+def test_predict_takes_text_that_was_not_utf8(saved_all):
+    # a shell argument of Latin-1 bytes reaches Python with a surrogate escape, which tokenizers refuses
+    ((label, probability),) = predict_texts(saved_all["cls"].int8_out, ["caf\udce9 good"])
+    assert label in ("negative", "positive") and 0.5 <= probability <= 1.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -151,3 +154,23 @@ def test_load_finetuned_refuses_weights_it_would_start_at_random(tmp_path, tiny_
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"1 weights missing or of another shape \(first: classifier.weight\)"):
         load_finetuned(str(tmp_path))
+
+
+@pytest.mark.parametrize("loader", ["load_base", "load_finetuned"])
+@pytest.mark.parametrize("damage, says", [
+    (lambda f: [p.unlink() for p in f.iterdir() if p.name.startswith(("tokenizer", "vocab", "special"))],
+     "no tokenizer"),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:64]),
+     "its safetensors weights cannot be read"),
+    (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
+                                                          "auto_map": {"AutoConfig": "evil.Config"}})),
+     "its config.json asks for custom code (auto_map), which is never run here"),
+])
+def test_a_damaged_model_folder_is_one_error_naming_it(tmp_path, tiny_model, tiny_tokenizer, loader, damage, says):
+    from compression import models
+    from compression.artifacts import save_classifier
+
+    save_classifier(tiny_model, tiny_tokenizer, tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: {re.escape(says)}"):
+        getattr(models, loader)(str(tmp_path))

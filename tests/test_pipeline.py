@@ -361,6 +361,23 @@ def test_given_teacher_is_used_as_it_is(tmp_path, tiny_model, tiny_tokenizer, mo
     assert [r["name"] for r in rows_out] == NAMES
 
 
+def test_a_teacher_too_shallow_to_cut_is_refused_before_it_trains(tmp_path, tiny_config, tiny_tokenizer, sst2_dir,
+                                                                   monkeypatch):
+    import copy
+
+    from transformers import BertForSequenceClassification
+
+    from compression import pipeline
+
+    config = copy.deepcopy(tiny_config)
+    config.num_hidden_layers = 1  # the tiny profile cuts a 2-layer student
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "shallow")
+    tiny_tokenizer.save_pretrained(tmp_path / "shallow")
+    monkeypatch.setattr(pipeline, "finetune", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match="shallow: a student of 2 layers cannot come from a teacher of 1"):
+        build_variants(tiny_profile(), str(tmp_path / "shallow"), str(sst2_dir), tmp_path / "cache")
+
+
 def test_every_stage_trains_on_the_cpu_for_a_cpu_run(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     """`--device cpu` trains on the CPU even where a GPU is: each stage says so (None would mean "on the GPU if
     there is one")."""

@@ -117,6 +117,24 @@ def test_write_atomic_writes_and_replaces(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["file.json"]
 
 
+def test_write_atomic_writes_through_a_symlink_and_refuses_a_loop(tmp_path):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "real" / "file.json")  # dangling until written
+    write_atomic(link, b"through")
+    assert link.is_symlink() and (tmp_path / "real" / "file.json").read_bytes() == b"through"
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ValueError, match="a: cannot be resolved"):
+        write_atomic(tmp_path / "a", b"x")
+
+
+def test_write_atomic_names_the_file_it_cannot_write(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"afile/out.json: cannot be written \("):
+        write_atomic(tmp_path / "afile" / "out.json", b"x")
+
+
 def test_write_atomic_failed_rename_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     path.write_bytes(b"old content")

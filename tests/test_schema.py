@@ -195,6 +195,10 @@ def test_key_path():
         ("variants.1.name", '"distilled"', "variants[1].name", "unknown variant 'distilled'"),
         ("variants.1.acuracy", "88", "variants[1].acuracy", "unknown key (known: name, parameters"),
         ("schema_version", "2", "schema_version", "Input should be 1"),
+        ("schema_version", "true", "schema_version", "Input should be 1, got True"),  # equal to 1 in Python
+        ("schema_version", "1.0", "schema_version", "Input should be 1, got 1.0"),
+        # a count past JSON's exact integers: refused here, not an OverflowError in the gate's float comparison
+        ("variants.1.flips", "1" + "0" * 400, "variants[1].flips", "... (401 characters)"),
         ("pooling", '"max"', "pooling", "'cls' or 'mean'"),
         ("stages_seconds.teacher", "NaN", "stages_seconds.teacher", "NaN is not a finite number"),
     ],
@@ -459,3 +463,14 @@ def test_any_results_file_with_a_non_finite_token_is_refused(tmp_path_factory, d
     with pytest.raises(ValueError) as err:
         read_results(path)
     assert str(err.value) == f"{path}: key 'variants[0].{field}': {token} is not a finite number"
+
+
+@pytest.mark.parametrize("raw, says", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("1" * 5_000, "not valid JSON (Exceeds the limit"),  # more digits than Python converts
+])
+def test_pathological_json_is_one_line_naming_the_file(tmp_path, raw, says):
+    path = tmp_path / "results.json"
+    path.write_text('{"schema_version": 1, "x": ' + raw + "}")
+    message = error_of(read_results, path)
+    assert message.startswith(f"{path}: ") and says in message and len(message) < 400
