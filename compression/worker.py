@@ -80,6 +80,7 @@ class _Settings:
     log_format: str | None
     warning_filters: list
     transformers_verbosity: int | None
+    transformers_progress_bars: bool | None  # its own bars ("Loading weights"), not the Trainer's
 
 
 def _settings() -> _Settings:
@@ -87,10 +88,11 @@ def _settings() -> _Settings:
     formats = [h.formatter._fmt for h in root.handlers if h.formatter is not None]
     # Only filters whose category the child can unpickle without importing anything (builtins warnings).
     filters = [f for f in warnings.filters if getattr(f[2], "__module__", None) == "builtins"]
-    verbosity = None
+    verbosity = bars = None
     if "transformers" in sys.modules:  # not imported: the child's default is the parent's default
         verbosity = sys.modules["transformers"].logging.get_verbosity()
-    return _Settings(os.getpid(), root.level, formats[0] if formats else None, filters, verbosity)
+        bars = sys.modules["transformers"].logging.is_progress_bar_enabled()
+    return _Settings(os.getpid(), root.level, formats[0] if formats else None, filters, verbosity, bars)
 
 
 def _apply(settings: _Settings) -> None:
@@ -107,6 +109,10 @@ def _apply(settings: _Settings) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = logging.getLevelName(settings.transformers_verbosity).lower()
         if "transformers" in sys.modules:  # already imported (e.g. by the parent's main module): too late for that
             sys.modules["transformers"].logging.set_verbosity(settings.transformers_verbosity)
+    if settings.transformers_progress_bars is False:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by transformers when it is first imported
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].logging.disable_progress_bar()
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -51,7 +51,14 @@ def child_state() -> dict:
         "level": logging.getLogger().level,
         "shown": sorted(w.category.__name__ for w in caught),
         "transformers_verbosity": os.environ.get("TRANSFORMERS_VERBOSITY"),
+        "progress_bars": _progress_bars(),
     }
+
+
+def _progress_bars() -> bool:
+    import transformers
+
+    return transformers.logging.is_progress_bar_enabled()
 
 
 # --- results and exceptions ------------------------------------------------------------------------------------
@@ -104,8 +111,9 @@ def test_a_child_that_dies_without_an_answer():
 def test_the_child_is_as_quiet_as_the_parent(monkeypatch):
     import transformers
 
-    before = transformers.logging.get_verbosity()
+    before, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # as `compress run` does: no "Loading weights" bar in the child
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -115,10 +123,12 @@ def test_the_child_is_as_quiet_as_the_parent(monkeypatch):
             loud = run_in_child(child_state)
     finally:
         transformers.logging.set_verbosity(before)
+        if bars:
+            transformers.logging.enable_progress_bar()
     assert quiet["level"] == logging.getLogger().level
     assert quiet["shown"] == ["FutureWarning"]
     assert loud["shown"] == ["DeprecationWarning", "FutureWarning"]
-    assert quiet["transformers_verbosity"] == "error"
+    assert quiet["transformers_verbosity"] == "error" and quiet["progress_bars"] is False
 
 
 # --- the child dies with its parent ----------------------------------------------------------------------------
