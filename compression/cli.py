@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from compression import worker
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option
+        if args.verbose:  # every detail asked for: where it was raised (a worker's traceback rides as a note)
+            traceback.print_exception(err, file=sys.stderr)
         print(f"compress {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as err:

@@ -717,3 +717,13 @@ def test_baselines_behind_a_symlink_are_written_through_it(capsys, tmp_path, acc
     assert main(["baselines", "--accept", str(results), "--baselines", str(tmp_path / "loop1")]) == EXIT_ERROR
     assert "loop1: cannot be resolved" in one_error_line(capsys, "baselines")
     assert (tmp_path / "loop1").is_symlink()  # not replaced by a file
+
+
+def test_verbose_shows_where_an_error_was_raised_then_the_same_one_line(capsys, tmp_path):
+    missing = tmp_path / "nope.json"
+    assert main(["check", str(missing)]) == EXIT_ERROR
+    quiet = capsys.readouterr().err
+    assert main(["-v", "check", str(missing)]) == EXIT_ERROR
+    loud = capsys.readouterr().err
+    assert "Traceback" not in quiet and "Traceback (most recent call last)" in loud
+    assert loud.splitlines()[-1] == quiet.strip() == f"compress check: error: {missing}: no such file"
