@@ -37,11 +37,6 @@ def _named(text: str) -> str:
     return text
 
 
-def _one_line(err: BaseException) -> str:
-    """The message on one line (some libraries' span several; a JSON key may hold a newline)."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every detail (default: stages only)")
@@ -271,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option
         if args.verbose:  # every detail asked for: where it was raised (a worker's traceback rides as a note)
             traceback.print_exception(err, file=sys.stderr)
-        print(f"compress {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        from compression.schema import one_line
+
+        print(f"compress {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as err:
         how, code = ("terminated", EXIT_TERMINATED) if isinstance(err, worker.Terminated) else ("interrupted", 130)

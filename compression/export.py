@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from compression.schema import read_json
+from compression.schema import one_line, read_json
 
 MAX_LENGTH = 128  # tokens per text, as every variant was trained and measured (TrainConfig.max_length)
 ONNX_FILE = "model.onnx"  # = compression.artifacts.ONNX_FILE, not imported from there: that module loads torch
@@ -91,7 +91,7 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
         except (ValueError, OSError):
             raise
         except Exception as err:  # a malformed config or tokenizer, met deep in transformers or onnxruntime
-            raise ValueError(f"{folder}: cannot be exported ({type(err).__name__}: {_first_line(err)})") from None
+            raise ValueError(f"{folder}: cannot be exported ({type(err).__name__}: {one_line(err, 300)})") from None
         try:  # what predict will do, before anything is put in place
             text_logits(work, ["a sentence to check the exported folder runs"])
         except ValueError as err:
@@ -105,12 +105,6 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _first_line(err: BaseException) -> str:
-    """The message on one line (some span several), at most 300 characters."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _check_out(folder: Path, out: Path, overwrite: bool) -> None:
@@ -234,6 +228,6 @@ def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:
         try:
             (logits,) = session.run(["logits"], {n: np.array([given[n]], dtype=np.int64) for n in names})
         except Exception as err:  # e.g. token ids past the model's embedding table: tokenizer and model disagree
-            raise ValueError(f"{folder}: onnxruntime failed on {text[:40]!r} ({_first_line(err)})") from None
+            raise ValueError(f"{folder}: onnxruntime failed on {text[:40]!r} ({one_line(err, 300)})") from None
         out.append(logits[0])
     return out

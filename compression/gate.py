@@ -125,9 +125,6 @@ def check(results: Results, baselines: Baselines, only: set[str] | None = None) 
     return findings
 
 
-GPU_FALLBACK_METRIC = "latency_ratio (GPU fallback)"
-
-
 def latency_ratio(row: VariantRow, teacher: VariantRow) -> float:
     """The row's paired ratio to the teacher when measured (interleaved timing), else the ratio of medians."""
     if row.latency_ratio is not None:
@@ -135,20 +132,22 @@ def latency_ratio(row: VariantRow, teacher: VariantRow) -> float:
     return round(row.latency_ms.median / teacher.latency_ms.median, 3)
 
 
+GPU_FALLBACK_METRIC = "latency_ratio (GPU fallback)"
+
+
 def _gpu_findings(rows: dict[str, VariantRow], gpu: GpuBudgets, gpu_name: str) -> list[Finding]:
     """The card's absolute budgets, and the ratio-to-teacher fallback for every variant the card's entry lacks
     (all of them, on a card without an entry). A variant covered by neither is ungated on this card."""
-    absolute = gpu.latency_ms.get(gpu_name, {})
+    absolute, teacher = gpu.latency_ms.get(gpu_name, {}), rows.get("teacher")
     out = []
-    for name, budget in absolute.items():
-        value = rows[name].latency_ms.median if name in rows else None
-        out.append(Finding(name, f"latency_ms[{gpu_name}]", budget, value, value is not None and value <= budget, "<="))
-    teacher = rows.get("teacher")
-    for name, budget in gpu.latency_ratio.items():
+    for name in dict.fromkeys([*absolute, *gpu.latency_ratio]):  # the card's own budget wins over the fallback
         if name in absolute:
-            continue
-        value = latency_ratio(rows[name], teacher) if name in rows and teacher else None
-        out.append(Finding(name, GPU_FALLBACK_METRIC, budget, value, value is not None and value <= budget, "<="))
+            metric, budget = f"latency_ms[{gpu_name}]", absolute[name]
+            value = rows[name].latency_ms.median if name in rows else None
+        else:
+            metric, budget = GPU_FALLBACK_METRIC, gpu.latency_ratio[name]
+            value = latency_ratio(rows[name], teacher) if name in rows and teacher else None
+        out.append(Finding(name, metric, budget, value, value is not None and value <= budget, "<="))
     return out
 
 

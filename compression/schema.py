@@ -296,6 +296,12 @@ def key_path(loc: tuple) -> str:
     return out
 
 
+def one_line(message: object, limit: int | None = None) -> str:
+    """`message` (an exception, say) on one line: some libraries' span several, a JSON key may hold a newline."""
+    text = " ".join(str(message).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from `path`; a missing or malformed file, or a NaN/Infinity anywhere, is a ValueError."""
     path = Path(path)
