@@ -137,7 +137,11 @@ def base_fingerprint(base: str) -> str:
     if not path.is_dir():
         return f"hub:{base}"
     digest = hashlib.sha256()
-    identifying = {"config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"}
+    # every file that decides the model or its tokenization: WordPiece (vocab.txt), BPE (vocab.json + merges.txt)
+    # and SentencePiece vocabularies included. (special_tokens_map.json is left out: tokenizer_config.json holds
+    # the same tokens, and adding it would re-key, and retrain, every cached model of the embedded bases.)
+    identifying = {"config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"}
     for name in sorted(p.name for p in path.iterdir() if p.name in identifying or p.suffix == ".safetensors"):
         digest.update(name.encode())
         with (path / name).open("rb") as f:

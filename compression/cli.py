@@ -7,7 +7,8 @@
     compress export (RESULTS VARIANT | --folder CACHE_FOLDER) --out DIR [--overwrite]
     compress predict DIR TEXT [TEXT ...]
 
-Bad input is one line on stderr and exit 2; a gate breach is exit 1.
+Bad input is one line on stderr and exit 2; a gate breach is exit 1; a build worker that died (killed, out of
+memory) is one line and exit 3.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from compression import worker
 
 EXIT_BREACH = 1
 EXIT_ERROR = 2
+EXIT_FAILED = 3  # not the input's fault: the worker building the models died (OOM killer, kill -9)
 EXIT_TERMINATED = worker.EXIT_TERMINATED  # 143, SIGTERM; Ctrl-C is 130
 
 
@@ -37,8 +39,15 @@ def _named(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error (the usage is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="compress", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log every detail (default: stages only)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -157,6 +166,7 @@ def cmd_check(args) -> int:
         findings = gate.check(results, baselines)
         ungated = gate.ungated(results, baselines)
         ungated_gpu = gate.ungated_gpu_latency(results, baselines)
+        on_cpu = gate.cpu_rows_of_gpu_run(results, baselines)
     except ValueError as err:  # the two files do not belong together: name both
         raise ValueError(f"{args.results} against {args.baselines}: {err}") from None
     width = max(len(f.variant) for f in findings) if findings else 0
@@ -176,9 +186,13 @@ def cmd_check(args) -> int:
         print(f"note: {name}'s latency is not gated on {results.environment.gpu}: {args.baselines} has no GPU "
               f"budget for it in profile {results.profile!r}; to gate it: "
               f"{gate.ACCEPT_HINT.replace('RESULTS', str(args.results))}", file=sys.stderr)
+    if on_cpu:
+        print(f"note: {', '.join(on_cpu)} ran on the CPU beside a teacher on {results.environment.gpu}: their latency "
+              f"is not gated by a GPU run (a CPU run gates it: pytest benchmarks -m 'not gpu')", file=sys.stderr)
     print(f"{len(findings) - len(failed)} passed, {len(failed)} failed"
           + (f", {len(ungated)} not gated ({', '.join(ungated)})" if ungated else "")
-          + (f", {len(ungated_gpu)} latency not gated on this GPU ({', '.join(ungated_gpu)})" if ungated_gpu else ""))
+          + (f", {len(ungated_gpu)} latency not gated on this GPU ({', '.join(ungated_gpu)})" if ungated_gpu else "")
+          + (f", {len(on_cpu)} latency gated by CPU runs only ({', '.join(on_cpu)})" if on_cpu else ""))
     return EXIT_BREACH if failed else 0
 
 
@@ -268,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(err, file=sys.stderr)
         from compression.schema import one_line
 
-        print(f"compress {args.command}: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_ERROR
+        # ChildProcessError is an OSError, but no input of the user's is to blame: another code, so that a
+        # script can tell "fix the command" from "retry, or give it more memory"
+        failed = isinstance(err, ChildProcessError)
+        print(f"compress {args.command}: {'failed' if failed else 'error'}: {one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED if failed else EXIT_ERROR
     except KeyboardInterrupt as err:
         how, code = ("terminated", EXIT_TERMINATED) if isinstance(err, worker.Terminated) else ("interrupted", 130)
         print(f"compress {args.command}: {how} (cached artifacts and results are written whole or not at all)",

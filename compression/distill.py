@@ -293,6 +293,9 @@ def distill(
     if distill_config.feature_weight > 0:
         # a submodule while training, so the Trainer's optimizer and device placement take it along
         student.add_module(PROJECTION, torch.nn.Linear(student.config.hidden_size, features.shape[1]))
+    # the Trainer moves a live teacher to its device, in eval mode and frozen: the caller gets it back as it was
+    teacher_state = None if teacher is None else (
+        teacher.training, next(teacher.parameters()).device, [p.requires_grad for p in teacher.parameters()])
     try:
         return finetune(
             student,
@@ -310,3 +313,8 @@ def distill(
     finally:
         if hasattr(student, PROJECTION):
             delattr(student, PROJECTION)
+        if teacher_state is not None:
+            training, device, grads = teacher_state
+            teacher.to(device).train(training)
+            for p, grad in zip(teacher.parameters(), grads):
+                p.requires_grad_(grad)

@@ -37,13 +37,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 # --- quantizing, and the state that saves it -----------------------------------------------------------
 
+_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+
+
+def _drop_cast_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_CAST_WARNING)
+
+
+def _quiet_cast_warning() -> None:
+    """Drop bnb's warning, on every forward, that fp32 inputs are cast to fp16 (expected for LLM.int8, not news).
+
+    Only that message: the logger's other warnings still reach the user's handlers.
+    """
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _drop_cast_warning not in logger.filters:
+        logger.addFilter(_drop_cast_warning)
+
 
 def quantize_bnb8_(model: nn.Module, config: Bnb8Config = Bnb8Config()) -> nn.Module:
     """Replace each quantizable nn.Linear by bitsandbytes' Linear8bitLt, in place, on the model's device."""
     import bitsandbytes as bnb  # imported lazily: it probes for CUDA and logs at import
 
-    # bnb warns on every CPU forward that fp32 inputs are cast to fp16: expected for LLM.int8, not news.
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    _quiet_cast_warning()
     for name, linear in linear_layers(model, config.skip):
         device = linear.weight.device
         q = bnb.nn.Linear8bitLt(

@@ -90,6 +90,17 @@ def test_base_fingerprint_local_changes_with_config(tiny_base_dir, tmp_path):
     assert base_fingerprint(str(folder)) != before
 
 
+@pytest.mark.parametrize("name", ["merges.txt", "vocab.json", "spiece.model"])
+def test_base_fingerprint_follows_bpe_and_sentencepiece_vocabularies(tiny_base_dir, tmp_path, name):
+    # a RoBERTa-style base tokenizes by vocab.json + merges.txt: new merges are a new base, not a cached one
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, folder)
+    (folder / name).write_text("a b\n")
+    before = base_fingerprint(str(folder))
+    (folder / name).write_text("a c\n")
+    assert base_fingerprint(str(folder)) != before
+
+
 def test_base_fingerprint_local_changes_with_weights(tiny_base_dir, tmp_path):
     folder = tmp_path / "base"
     shutil.copytree(tiny_base_dir, folder)

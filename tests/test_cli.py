@@ -149,6 +149,24 @@ def test_no_command_is_usage_error(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize(("argv", "named"), [
+    ([], "command"),
+    (["run", "--pooling", "max"], "--pooling"),
+    (["run", "--threads"], "--threads"),
+    (["run", "--bogus", "1"], "--bogus"),
+    (["check"], "results"),
+    (["export", "--folder", "x"], "--out"),
+    (["predict"], "folder"),
+])
+def test_usage_errors_are_one_line(capsys, argv, named):
+    # one line naming the option, like every other error; the usage itself is --help's
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert line.startswith("compress") and ": error: " in line and named in line and "--help" in line
+
+
 # --- check -------------------------------------------------------------------------------------------------
 
 
@@ -437,6 +455,20 @@ def test_check_gpu_run_without_gpu_budgets_names_each_ungated_latency(capsys, tm
         "12 passed, 0 failed, 3 latency not gated on this GPU (teacher, student, student_int8)")
 
 
+def test_check_gpu_run_notes_the_rows_that_ran_on_the_cpu(capsys, tmp_path, accepted):
+    _, baselines = accepted
+    doc = results_doc(student_int8={"backend": "onnxruntime int8 (cpu)"})
+    doc["environment"].update(device="cuda", gpu="NVIDIA L4")
+    run = write_json(tmp_path / "l4.json", doc)
+    assert main(["check", str(run), "--baselines", str(baselines)]) == 0
+    captured = capsys.readouterr()
+    (note,) = [n for n in stderr_lines(captured) if "ran on the CPU" in n]
+    assert note.startswith("note: student_int8 ran on the CPU beside a teacher on NVIDIA L4")
+    assert captured.out.splitlines()[-1] == (
+        "12 passed, 0 failed, 2 latency not gated on this GPU (teacher, student), "
+        "1 latency gated by CPU runs only (student_int8)")
+
+
 def test_check_missing_budgeted_variant_is_a_breach(capsys, tmp_path, accepted):
     _, baselines = accepted
     doc = results_doc()
@@ -526,7 +558,17 @@ def test_schema_unknown_document_is_usage_error(capsys):
 
 
 def test_exit_codes():
-    assert (cli.EXIT_BREACH, cli.EXIT_ERROR) == (1, 2)
+    assert (cli.EXIT_BREACH, cli.EXIT_ERROR, cli.EXIT_FAILED) == (1, 2, 3)
+
+
+def test_a_dead_worker_is_a_failure_not_bad_input(capsys, monkeypatch, sst2_dir):
+    def died(*args):
+        raise ChildProcessError("the worker process running build_run died without an answer (exit code -9)")
+
+    monkeypatch.setattr(cli, "cmd_run", died)
+    assert main(["run", "--data", str(sst2_dir)]) == cli.EXIT_FAILED
+    (line,) = stderr_lines(capsys.readouterr())
+    assert line.startswith("compress run: failed: ") and "exit code -9" in line
 
 
 # --- run: --out and --cache are checked before anything is loaded ----------------------------------------------

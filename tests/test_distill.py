@@ -162,8 +162,12 @@ def test_distillation_moves_the_student_towards_the_teacher(tiny_model_session, 
     before = gap()
     config = DistillConfig(num_layers=2, temperature=2.0, alpha=1.0, hidden_weight=0.1)
     assert before > 0.01
+    teacher.train()  # as a caller might hand it over: the live teacher must come back as it was given
     distill(teacher, student, tiny_tokenizer, train, config,
             TrainConfig(learning_rate=5e-3, epochs=3, batch_size=16, warmup_ratio=0.0))
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert model_device(teacher) == torch.device("cpu")
+    teacher.eval()
     assert gap() < before * 0.7
 
 

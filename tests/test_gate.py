@@ -23,6 +23,7 @@ from compression.gate import (
     accept,
     budgets_from,
     check,
+    cpu_rows_of_gpu_run,
     failure_message,
     latency_ratio,
     latency_slack,
@@ -425,6 +426,11 @@ def test_ungated_gpu_latency_names_what_no_gpu_budget_covers(baselines, card, ex
     on_card = {r.name for r in run.variants if not r.backend.startswith("onnxruntime")}
     assert judged.isdisjoint(expected) and on_card <= judged | set(expected)  # each on-card row: judged or named
     assert ungated_gpu_latency(make_results(), b) == []  # a CPU run: its latency is the profile's question
+    # the rows that ran on the CPU are named apart, unless a GPU budget (here the T4's, hand-written) covers one
+    on_cpu = cpu_rows_of_gpu_run(run, b)
+    assert on_cpu == (["teacher_int8"] if card == "Tesla T4" else ["teacher_int8", "student_int8"])
+    assert not any(f.metric.startswith("latency") and f.variant in on_cpu for f in check(run, b))
+    assert cpu_rows_of_gpu_run(make_results(), b) == []
 
 
 def test_gpu_without_any_gpu_budgets(baselines):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_bnb8_keeps_the_classifier_in_full_precision(tiny_model):
     quantize_bnb8_(tiny_model)
     assert type(tiny_model.classifier) is torch.nn.Linear
     assert isinstance(tiny_model.bert.pooler.dense, bnb.nn.Linear8bitLt)
+
+
+def test_bnb8_drops_only_its_cast_warning(tiny_model, tiny_batch, caplog):
+    # the fp32 -> fp16 cast warning of every CPU forward is dropped; the same logger's other warnings are not
+    quantize_bnb8_(tiny_model)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger=logger.name), torch.inference_mode():
+        tiny_model(**tiny_batch)
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["something else"]
+    assert logger.level == logging.NOTSET  # the logger's level is left to the user
 
 
 def test_pruned_then_quantized_round_trips(any_tiny_model, tiny_tokenizer, tiny_batch, tmp_path):
