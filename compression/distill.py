@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, Trainer
 
 from compression.cache import OMIT_DEFAULT
 from compression.data import batches
+from compression.measure import model_device
 from compression.models import encoder_layers, masked_mean
 from compression.train import TrainConfig, finetune
 
@@ -295,7 +296,7 @@ def distill(
         student.add_module(PROJECTION, torch.nn.Linear(student.config.hidden_size, features.shape[1]))
     # the Trainer moves a live teacher to its device, in eval mode and frozen: the caller gets it back as it was
     teacher_state = None if teacher is None else (
-        teacher.training, next(teacher.parameters()).device, [p.requires_grad for p in teacher.parameters()])
+        teacher.training, model_device(teacher), [p.requires_grad for p in teacher.parameters()])
     try:
         return finetune(
             student,
