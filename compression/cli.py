@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
+    worker.print_library_logs_once()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command in ("run", "export") and not args.verbose:  # check/baselines/schema never import them
         import transformers

@@ -93,7 +93,12 @@ def load_sst2(data_dir: str | os.PathLike | None = None) -> SST2:
     folder = resolve_data_dir(data_dir)
     if folder is None:
         log.info("no local SST-2 folder given: loading nyu-mll/glue sst2 from the hub")
-        hub = datasets.load_dataset("nyu-mll/glue", "sst2")
+        try:
+            hub = datasets.load_dataset("nyu-mll/glue", "sst2")
+        except OSError as err:  # ConnectionError offline; the datasets cache unwritable; a broken download
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"no SST-2 folder given (--data DIR, or ${DATA_ENV}), and GLUE SST-2 (nyu-mll/glue) "
+                            f"cannot be had from the hub: {why}") from None
         splits = datasets.DatasetDict({k: hub[k].select_columns(list(COLUMNS)) for k in SPLIT_FILES})
         return SST2(splits, "hub:" + hub["train"]._fingerprint + hub["validation"]._fingerprint, "nyu-mll/glue")
     digest = hashlib.sha256()

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from compression.bases import resolve_base
+from compression.bases import is_hub_snapshot, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,13 @@ def check_model_folder(folder: str | Path) -> None:
         raise ValueError(f"{folder}: its config.json asks for custom code (auto_map), which is never run here")
 
 
+def _weights_kwargs(folder: str | Path) -> dict:
+    """from_pretrained's loading options for a local folder. A user's folder is read as safetensors only (pickled
+    weights can run code); a hub snapshot without safetensors, as the hub serves it, through transformers'
+    torch.load(weights_only=True), which unpickles tensors alone."""
+    return dict(local_files_only=True, use_safetensors=None if is_hub_snapshot(folder) else True)
+
+
 @contextmanager
 def readable_weights(name: str | Path) -> Iterator[None]:
     """Weights that safetensors cannot read (truncated, overwritten) as a ValueError naming `name`."""
@@ -193,14 +200,12 @@ def load_base(
     """
     check_pooling(pooling)
     name = resolve_base(base, cache_root)
-    local = Path(name).is_dir()
-    if local:
-        check_model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=False)
-    kwargs = dict(num_labels=num_labels, local_files_only=local, use_safetensors=True if local else None)
+    check_model_folder(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    kwargs = dict(num_labels=num_labels, **_weights_kwargs(name))
     with readable_weights(name):
         if pooling == "mean":
-            model_type = AutoConfig.from_pretrained(name, local_files_only=local, trust_remote_code=False).model_type
+            model_type = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False).model_type
             model = mean_pool_class(model_type).from_pretrained(name, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False, **kwargs)
@@ -209,20 +214,19 @@ def load_base(
 
 
 def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "AutoTokenizer"]:
-    """An already fine-tuned sequence classifier (a folder from `resolve_base`, or a hub id), used as it is.
+    """An already fine-tuned sequence classifier (a folder or a hub id, as `resolve_base` takes it), used as it is.
 
     ValueError naming it if it is not a `num_labels`-way classifier.
     """
-    local = Path(name).is_dir()
-    config = AutoConfig.from_pretrained(name, local_files_only=local, trust_remote_code=False)
+    name = resolve_base(name)
+    check_model_folder(name)
+    config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     if config.num_labels != num_labels:
         raise ValueError(f"{name}: a {config.num_labels}-label classifier; SST-2 needs {num_labels} "
                          "(0 negative, 1 positive)")
-    if local:
-        check_model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=False)
-    kwargs = dict(local_files_only=local, use_safetensors=True if local else None)
-    if local and not list(Path(name).glob("*.safetensors")):
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    kwargs = _weights_kwargs(name)
+    if kwargs["use_safetensors"] and not list(Path(name).glob("*.safetensors")):
         raise ValueError(f"{name}: no safetensors weights (other formats are not loaded: they can run code)")
     # (the keys of compression.prune, prune_ffn and low_rank, which import this module): shapes from_pretrained
     # cannot rebuild from a stock config

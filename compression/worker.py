@@ -83,6 +83,18 @@ class _Settings:
     transformers_progress_bars: bool | None  # its own bars ("Loading weights"), not the Trainer's
 
 
+# Libraries that give their own logger a stderr handler yet let its records propagate: behind a root handler (the
+# CLI's), each of their warnings (huggingface_hub's retries, say) would print twice, once in each format.
+SELF_HANDLED_LOGGERS = ("huggingface_hub", "datasets")
+
+
+def print_library_logs_once() -> None:
+    """Stop `SELF_HANDLED_LOGGERS` propagating to the root logger (their own handler prints them; transformers
+    already keeps its logger to itself). Safe before those libraries are imported: their setup leaves it as is."""
+    for name in SELF_HANDLED_LOGGERS:
+        logging.getLogger(name).propagate = False
+
+
 def _settings() -> _Settings:
     root = logging.getLogger()
     formats = [h.formatter._fmt for h in root.handlers if h.formatter is not None]
@@ -98,6 +110,7 @@ def _settings() -> _Settings:
 def _apply(settings: _Settings) -> None:
     if settings.log_format is not None:
         logging.basicConfig(level=settings.log_level, format=settings.log_format)
+        print_library_logs_once()
     logging.getLogger().setLevel(settings.log_level)
     warnings.resetwarnings()
     for action, message, category, module, lineno in reversed(settings.warning_filters):

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
 from compression import bases
 from compression.bases import (
@@ -41,10 +42,81 @@ def test_resolve_base_folder_without_config(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
-@pytest.mark.parametrize("hub_id", ["bert-base-uncased", "google/bert_uncased_L-2_H-128_A-2"])
-def test_resolve_base_hub_id_returned_as_is(hub_id, tmp_path, monkeypatch):
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("hub_id", ["org/tiny", "tiny"])
+def test_resolve_base_hub_id_is_its_cached_snapshot(hub_id, fake_hub, tiny_base_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a folder here: a hub id
+    snapshot = fake_hub(hub_id, tiny_base_dir, COMMIT)
+    assert resolve_base(hub_id) == str(snapshot)
+
+
+def test_resolve_base_hub_id_not_cached_offline(fake_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve_base(hub_id) == hub_id
+    with pytest.raises(ValueError) as err:
+        resolve_base("org/absent")
+    assert str(err.value) == ("org/absent: not in the local Hugging Face cache, and the hub cannot be reached "
+                              "(offline, or HF_HUB_OFFLINE is set)")
+
+
+def test_resolve_base_invalid_hub_id(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^bad id!: neither a model folder nor a Hugging Face hub id$"):
+        resolve_base("bad id!")
+
+
+def test_resolve_base_hub_snapshot_without_config(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "vocab.txt").write_text("[PAD]\n")
+    fake_hub("org/noconfig", tmp_path / "files")
+    with pytest.raises(ValueError, match=r"^org/noconfig: no config.json in its hub repo"):
+        resolve_base("org/noconfig")
+
+
+def _hub_error(cls: type) -> Exception:
+    err = cls.__new__(cls)  # huggingface_hub's own constructors want an HTTP response
+    err.args = ("the hub said no",)
+    return err
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (_hub_error(RepositoryNotFoundError), "org/x: no such model on the Hugging Face hub (or it is private: hf auth "
+                                          "login)"),
+    (_hub_error(GatedRepoError), "org/x: a gated repo on the Hugging Face hub (accept its terms, then log in: hf "
+                                 "auth login)"),
+    (OSError(28, "No space left on device"), "org/x: cannot download it from the Hugging Face hub ([Errno 28] No "
+                                             "space left on device)"),
+])
+def test_resolve_base_hub_errors_name_the_id(error, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def refuse(repo_id, **kwargs):
+        raise error
+
+    monkeypatch.setattr(bases, "snapshot_download", refuse)
+    with pytest.raises(ValueError) as err:
+        resolve_base("org/x")
+    assert str(err.value) == says
+
+
+def test_hub_snapshot_fetches_pickled_weights_only_without_safetensors(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    asked = []
+
+    def download(repo_id, allow_patterns):
+        asked.append(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(bases, "snapshot_download", download)
+    bases.hub_snapshot("org/x")
+    assert asked == [list(bases.HUB_FILES), [*bases.HUB_FILES, *bases.HUB_PICKLE_WEIGHTS]]
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    asked.clear()
+    bases.hub_snapshot("org/x")
+    assert asked == [list(bases.HUB_FILES)]
+    assert "pytorch_model.bin" not in bases.HUB_FILES and "*.bin" not in bases.HUB_FILES
 
 
 def test_resolve_base_local_folder(tiny_base_dir):
@@ -74,6 +146,16 @@ def test_minilm_dir_without_package(monkeypatch):
 
 def test_base_fingerprint_hub_id():
     assert base_fingerprint("bert-base-uncased") == "hub:bert-base-uncased"
+
+
+def test_base_fingerprint_hub_snapshot_is_its_commit(fake_hub, tiny_base_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_hub("org/tiny", tiny_base_dir, COMMIT)
+    assert base_fingerprint(resolve_base("org/tiny")) == f"hub:org/tiny@{COMMIT}"
+    # the repo updated on the hub (main moved to a new commit): a new base, not the cached one
+    fake_hub("org/tiny", tiny_base_dir, "f" * 40)
+    assert base_fingerprint(resolve_base("org/tiny")) == f"hub:org/tiny@{'f' * 40}"
+    assert bases.is_hub_snapshot(resolve_base("org/tiny")) and not bases.is_hub_snapshot(tiny_base_dir)
 
 
 def test_base_fingerprint_local_changes_with_config(tiny_base_dir, tmp_path):

@@ -114,6 +114,19 @@ def test_run_empty_model_name_is_refused_not_the_default(capsys, sst2_dir, optio
     assert f"{option}: must name a model" in capsys.readouterr().err
 
 
+def test_run_hub_id_not_to_be_had_is_one_line_naming_it(capsys, sst2_dir, tmp_path, monkeypatch):
+    # the build worker is a fresh process: it finds the (empty) Hugging Face cache through the environment
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "--profile", "smoke", "--base", "org/absent", "--data", str(sst2_dir),
+                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    assert code == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert line == ("compress run: error: org/absent: not in the local Hugging Face cache, and the hub cannot be "
+                    "reached (offline, or HF_HUB_OFFLINE is set)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_out_is_a_file(capsys, sst2_dir, tmp_path):
     out = tmp_path / "results"
     out.write_text("not a folder")

@@ -177,6 +177,19 @@ def test_resolve_data_dir_none_without_env_means_hub(monkeypatch):
     assert resolve_data_dir(None) is None
 
 
+def test_no_folder_and_no_hub_is_one_error_naming_both_ways(monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+
+    def offline(*args, **kwargs):  # what datasets raises with HF_DATASETS_OFFLINE=1 and GLUE not cached
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as err:
+        load_sst2(None)
+    assert str(err.value) == ("no SST-2 folder given (--data DIR, or $SST2_DIR), and GLUE SST-2 (nyu-mll/glue) cannot "
+                              "be had from the hub: Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+
 def test_resolve_data_dir_env(monkeypatch, sst2_dir):
     monkeypatch.setenv(data.DATA_ENV, str(sst2_dir))
     assert resolve_data_dir(None) == sst2_dir

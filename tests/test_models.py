@@ -174,3 +174,41 @@ def test_a_damaged_model_folder_is_one_error_naming_it(tmp_path, tiny_model, tin
     damage(tmp_path)
     with pytest.raises(ValueError, match=f"^{tmp_path}: {re.escape(says)}"):
         getattr(models, loader)(str(tmp_path))
+
+
+# --- a hub id: its snapshot in the Hugging Face cache, loaded like a folder ---------------------------------
+
+
+def test_a_hub_id_loads_from_its_cached_snapshot(fake_hub, tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    from compression.artifacts import save_classifier
+    from compression.models import load_base, load_finetuned
+
+    save_classifier(tiny_model, tiny_tokenizer, tmp_path / "saved")
+    fake_hub("org/tiny-sst2", tmp_path / "saved")
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = load_finetuned("org/tiny-sst2")
+    batch = tiny_tokenizer(["good film", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, tiny_model.eval()(**batch).logits)
+    base, _ = load_base("org/tiny-sst2", pooling="cls")
+    assert torch.equal(base.bert.embeddings.word_embeddings.weight, tiny_model.bert.embeddings.word_embeddings.weight)
+
+
+def test_pickled_weights_load_from_a_hub_snapshot_but_never_from_a_users_folder(fake_hub, tmp_path, tiny_model,
+                                                                                tiny_tokenizer, monkeypatch):
+    # A repo the hub serves without safetensors is read through torch.load(weights_only=True); the same files in
+    # a folder handed in are refused: this tool reads no pickle a user gives it.
+    from compression.models import load_finetuned
+
+    folder = tmp_path / "pickled"
+    tiny_model.config.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    torch.save(tiny_model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=f"^{folder}: no safetensors weights"):
+        load_finetuned(str(folder))
+    fake_hub("org/pickled", folder)
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = load_finetuned("org/pickled")
+    batch = tiny_tokenizer(["good film", "bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, tiny_model.eval()(**batch).logits)

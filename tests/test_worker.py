@@ -204,3 +204,37 @@ def test_terminated_is_a_keyboard_interrupt():
     # So that every `except KeyboardInterrupt` / `finally` that handles Ctrl-C handles SIGTERM too.
     assert issubclass(Terminated, KeyboardInterrupt)
     assert worker.EXIT_TERMINATED == 128 + signal.SIGTERM == 143
+
+
+# --- library warnings print once -------------------------------------------------------------------------------
+
+LOGS_ONCE = """
+import logging, sys
+from compression import worker
+
+def child():
+    import datasets, huggingface_hub.utils.logging  # noqa: F401, E401 (each gives its logger a stderr handler)
+    logging.getLogger("datasets.load").warning("in the child")
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")  # as the CLI sets up
+    if sys.argv[1] == "once":
+        worker.print_library_logs_once()
+    import datasets, huggingface_hub.utils.logging  # noqa: F401, E401 (the handlers come with these)
+    logging.getLogger("huggingface_hub.utils._http").warning("in the parent")
+    worker.run_in_child(child)
+"""
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_library_warnings_print_once_in_parent_and_child(tmp_path, once):
+    # huggingface_hub's retry warnings printed twice (its handler's plain line, then the root's timestamped one)
+    script = tmp_path / "logs_once.py"
+    script.write_text(LOGS_ONCE)
+    done = subprocess.run([sys.executable, str(script), "once" if once else "twice"], env=ENV, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # without it, the parent shows the duplicate this guards against (so the test can tell); the child sets it
+    # up itself whenever the parent has a root handler
+    assert done.stderr.count("in the parent") == (1 if once else 2)
+    assert done.stderr.count("in the child") == 1
