@@ -17,7 +17,7 @@
 # baselines.json and the saved benchmark.json; the last lines printed are the tables.
 # DEVICE=cpu runs the same steps on a CPU (a dry run of the plumbing: no graphs, no wo8 rows, gpu tests skip);
 # SLOWER=k multiplies every step's time limit by k (2-core CPUs of this kind build and measure the smoke run in
-# 5.5-7 minutes from a warm cache here, up to 2.5x that on slower ones: SLOWER=4 there).
+# 5.5-9.5 minutes from a warm cache here, SLOWER=3; up to 2.5x that on slower ones: SLOWER=6 there).
 set -uo pipefail
 
 main() {  # the whole script is read before it runs: editing the file mid-run cannot change what runs

@@ -24,14 +24,25 @@ def test_dry_run_prints_each_fp32_variant_and_its_wo8_copies(monkeypatch, capsys
     examples = [dict(tiny_tokenizer([s], return_tensors="pt")) for s, _ in make_sentences(4, seed=4)]
     variants = [SimpleNamespace(name="student", model=model, tokenizer=tiny_tokenizer),
                 SimpleNamespace(name="student_int8", model=quantized, tokenizer=tiny_tokenizer)]
-    validation = Dataset.from_dict({"input_ids": [e["input_ids"][0].tolist() for e in examples],
-                                    "attention_mask": [e["attention_mask"][0].tolist() for e in examples],
-                                    "labels": [0, 1, 0, 1], "length": [e["input_ids"].shape[1] for e in examples]})
+    copies = 20  # of the four sentences: 80 validation rows
+    validation = Dataset.from_dict({"input_ids": [e["input_ids"][0].tolist() for e in examples] * copies,
+                                    "attention_mask": [e["attention_mask"][0].tolist() for e in examples] * copies,
+                                    "labels": [0, 1, 0, 1] * copies,
+                                    "length": [e["input_ids"].shape[1] for e in examples] * copies})
     suite = SimpleNamespace(run=SimpleNamespace(profile=SimpleNamespace(warmup=1), variants=variants),
                             examples=lambda name: examples, inputs={"student": (validation, examples)})
     monkeypatch.setattr(gpu_graphs, "build_suite", lambda profile, device: suite)
-    monkeypatch.setattr(sys, "argv", ["gpu_graphs", "--examples", "3"])
+    sizes = []
+
+    def throughput(model, ds, tokenizer):
+        sizes.append(len(ds))
+        return real_throughput(model, ds, tokenizer)
+
+    real_throughput = gpu_graphs.throughput
+    monkeypatch.setattr(gpu_graphs, "throughput", throughput)
+    monkeypatch.setattr(sys, "argv", ["gpu_graphs", "--examples", "2"])
     gpu_graphs.main()
+    assert sizes == [64] * 4  # --examples 2: throughput over 2 batches of 32 of the 80 validation rows
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| student")]
     assert [r[0].strip() for r in rows] == ["student", "student_wo8 (int8pack)", "student_wo8 (dequant)",
                                             "student_bnb8 (threshold 0)"]
