@@ -117,16 +117,6 @@ def cpu_suite(profile_name) -> Suite:
     return build_suite(profile_name, "cpu")
 
 
-@pytest.fixture(scope="session")
-def teacher_median(cpu_suite) -> float:
-    """The reference every CPU latency ratio divides by, timed once on the same sentences."""
-    from compression.measure import latency
-
-    # three passes: every ratio divides by this number, so it gets the most samples
-    return latency(cpu_suite.variant("teacher").model, cpu_suite.examples("teacher"), cpu_suite.run.profile.warmup,
-                   repeats=3).median
-
-
 def timed_rounds(benchmark, model, examples, warmup: int) -> float:
     """benchmark.pedantic of a batch-1 forward, one round per example in turn; returns the median in ms."""
     import torch
@@ -207,10 +197,31 @@ def gated_latency(suite: Suite, name: str, model, baselines, attempts: int = ATT
         results = suite.results([suite.row("teacher", p.reference.median),
                                  suite.row(name, p.model.median, statistics.median(out.ratios))])
         out.findings = [f for f in gate.check(results, baselines, only={name}) if f.metric == "latency_ratio"]
-        breaches = sum(_breaches(suite, name, r, baselines) for r in out.ratios)
-        if breaches == 0 or breaches > attempts // 2 or len(out.ratios) - breaches > attempts // 2:
+        if _decided([_breaches(suite, name, r, baselines) for r in out.ratios], attempts):
             break
     return out
+
+
+def self_paired_ratios(suite: Suite, low: float, high: float, attempts: int = ATTEMPTS) -> list[float]:
+    """The teacher timed beside itself as the gate times a variant beside it (an A/A test): each attempt's ratio.
+
+    A ratio outside (low, high) is re-timed like a gate's breach, so the median of the returned ratios decides.
+    """
+    from compression.measure import gate_paired_latency
+
+    teacher, examples = suite.variant("teacher").model, suite.examples("teacher")
+    ratios: list[float] = []
+    while len(ratios) < attempts:
+        ratios.append(gate_paired_latency(teacher, teacher, examples, suite.run.profile.warmup).ratio)
+        if _decided([not low < r < high for r in ratios], attempts):
+            break
+    return ratios
+
+
+def _decided(breached: list[bool], attempts: int) -> bool:
+    """Whether the median of up to `attempts` timings is settled: a clean first timing, or a majority either way."""
+    breaches = sum(breached)
+    return breaches == 0 or breaches > attempts // 2 or len(breached) - breaches > attempts // 2
 
 
 def _breaches(suite: Suite, name: str, ratio: float, baselines) -> bool:
