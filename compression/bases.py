@@ -144,6 +144,20 @@ def is_hub_snapshot(folder: str | Path) -> bool:
     return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
 
 
+def hub_revision(folder: str | Path) -> str | None:
+    """`org/name@<commit>` for a snapshot folder of the Hugging Face cache, else None: how messages and results
+    name a hub base (the id as typed, and the revision that was used)."""
+    path = Path(folder)
+    if not is_hub_snapshot(path):
+        return None
+    return f"{path.parent.parent.name.removeprefix('models--').replace('--', '/')}@{path.name}"
+
+
+def shown(folder: str | Path) -> str:
+    """`folder` as a message names it: a hub snapshot by its repo id and commit, anything else as it is."""
+    return hub_revision(folder) or str(folder)
+
+
 def hub_snapshot(repo_id: str) -> str:
     """The local snapshot folder of hub model `repo_id` (downloading its `HUB_FILES` once, or reading them from
     the Hugging Face cache when offline); ValueError naming `repo_id` if it is not to be had."""
@@ -192,7 +206,7 @@ def base_fingerprint(base: str) -> str:
     and weights hashed (anything else, which `resolve_base` never returns, by its name)."""
     path = Path(base)
     if is_hub_snapshot(path):  # a git commit names every file of it, the PyTorch weights' included
-        return f"hub:{path.parent.parent.name.removeprefix('models--').replace('--', '/')}@{path.name}"
+        return f"hub:{hub_revision(path)}"
     if not path.is_dir():
         return f"hub:{base}"
     digest = hashlib.sha256()

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from compression.bases import is_hub_snapshot, resolve_base
+from compression.bases import is_hub_snapshot, resolve_base, shown
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +165,13 @@ def check_model_folder(folder: str | Path) -> None:
     """ValueError naming `folder` (a local model folder) if it holds no tokenizer, or if its config asks for code
     of its own (transformers would offer to run it; this tool never does)."""
     if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"{folder}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        raise ValueError(f"{shown(folder)}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # missing or malformed: transformers says so, naming the file
     if isinstance(config, dict) and "auto_map" in config:
-        raise ValueError(f"{folder}: its config.json asks for custom code (auto_map), which is never run here")
+        raise ValueError(f"{shown(folder)}: its config.json asks for custom code (auto_map), which is never run here")
 
 
 def _weights_kwargs(folder: str | Path) -> dict:
@@ -187,7 +187,8 @@ def readable_weights(name: str | Path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as err:
-        raise ValueError(f"{name}: its safetensors weights cannot be read ({str(err).splitlines()[0]})") from None
+        reason = str(err).splitlines()[0]
+        raise ValueError(f"{shown(name)}: its safetensors weights cannot be read ({reason})") from None
 
 
 def load_base(
@@ -209,7 +210,7 @@ def load_base(
             model = mean_pool_class(model_type).from_pretrained(name, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False, **kwargs)
-    log.info("base %s: %s parameters", name, f"{count_parameters(model):,}")
+    log.info("base %s: %s parameters", shown(name), f"{count_parameters(model):,}")
     return model, tokenizer
 
 
@@ -222,24 +223,24 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     check_model_folder(name)
     config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     if config.num_labels != num_labels:
-        raise ValueError(f"{name}: a {config.num_labels}-label classifier; SST-2 needs {num_labels} "
+        raise ValueError(f"{shown(name)}: a {config.num_labels}-label classifier; SST-2 needs {num_labels} "
                          "(0 negative, 1 positive)")
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     kwargs = _weights_kwargs(name)
     if kwargs["use_safetensors"] and not list(Path(name).glob("*.safetensors")):
-        raise ValueError(f"{name}: no safetensors weights (other formats are not loaded: they can run code)")
+        raise ValueError(f"{shown(name)}: no safetensors weights (other formats are not loaded: they can run code)")
     # (the keys of compression.prune, prune_ffn and low_rank, which import this module): shapes from_pretrained
     # cannot rebuild from a stock config
     if any(getattr(config, key, None) is not None for key in ("kept_heads", "kept_neurons", "embedding_rank")):
-        raise ValueError(f"{name}: a pruned or factored model; give the unpruned teacher")
+        raise ValueError(f"{shown(name)}: a pruned or factored model; give the unpruned teacher")
     with readable_weights(name):
         model, info = classifier_class(config).from_pretrained(name, output_loading_info=True, **kwargs)
     # transformers only warns (hidden at the CLI's log level) and starts such weights at random
     unloaded = [*info.get("missing_keys", ()), *(str(k[0]) if isinstance(k, tuple) else str(k)
                                                  for k in info.get("mismatched_keys", ()))]
     if unloaded:
-        raise ValueError(f"{name}: {len(unloaded)} weights missing or of another shape (first: {sorted(unloaded)[0]}); "
-                         "a fine-tuned teacher must load whole")
+        raise ValueError(f"{shown(name)}: {len(unloaded)} weights missing or of another shape (first: "
+                         f"{sorted(unloaded)[0]}); a fine-tuned teacher must load whole")
     return model.eval(), tokenizer
 
 

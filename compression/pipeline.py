@@ -27,7 +27,7 @@ from transformers import AutoConfig
 from compression import cache
 from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.augment import augmented_sentences, sentence_rows
-from compression.bases import MINILM, base_fingerprint, resolve_base
+from compression.bases import MINILM, base_fingerprint, hub_revision, resolve_base, shown
 from compression.data import SST2, batches, load_sst2, tokenize
 from compression.distill import (
     distill,
@@ -76,6 +76,7 @@ class Run:
     sst2: SST2
     profile: Profile
     stages: dict[str, float]
+    hub_teacher: str | None = None  # `org/name@<commit>` where the base or given teacher came from the hub
 
 
 def _build_stages(profile, base, data, cache_root, device, threads, progress, teacher_model=None) -> dict[str, float]:
@@ -164,7 +165,7 @@ def build_variants(
         try:  # checked where the student is cut too, but only after the teacher has trained
             layer_map(base_model.config.num_hidden_layers, profile.distill.num_layers)
         except ValueError as err:
-            raise ValueError(f"{teacher_name}: {err}") from None
+            raise ValueError(f"{shown(teacher_name)}: {err}") from None
     else:
         student_config = AutoConfig.from_pretrained(resolve_base(profile.student_base, root), trust_remote_code=False)
         student_type = student_config.model_type
@@ -188,12 +189,12 @@ def build_variants(
 
     def build_teacher(folder: Path):
         if teacher_model is not None:
-            progress(f"checking the given teacher {teacher_name} on validation")
+            progress(f"checking the given teacher {shown(teacher_name)} on validation")
             validation = tokenize(sst2.splits["validation"], tokenizer, profile.teacher.max_length)
-            check_label_order(base_model, validation, tokenizer, teacher_name)
+            check_label_order(base_model, validation, tokenizer, shown(teacher_name))
         else:
             rows = training_indices(len(train_t), profile.teacher)
-            progress(f"fine-tuning the teacher ({teacher_name}, {len(rows or train_t):,} rows)")
+            progress(f"fine-tuning the teacher ({shown(teacher_name)}, {len(rows or train_t):,} rows)")
             finetune(base_model, tokenizer, train_t if rows is None else train_t.select(rows), profile.teacher,
                      use_cpu=use_cpu)
         save_classifier(base_model, tokenizer, folder)
@@ -422,7 +423,7 @@ def build_variants(
 
             q = _timed_cached(root, qname, qkey, build_q, load_q, stages)
             variants.append(Variant(qname, q, root / f"{qname}-{qkey}", params, stages[qname], tok))
-    return Run(variants, sst2, profile, stages)
+    return Run(variants, sst2, profile, stages, hub_revision(teacher_name))
 
 
 def quantized_forms(profile: Profile, device: str) -> list[tuple[str, object]]:
@@ -459,8 +460,9 @@ def run(
     document = {
         "schema_version": 1,
         "profile": profile.name,
-        "base": None if teacher_model else (base or profile.teacher_base or MINILM),
-        "teacher": teacher_model,
+        # a hub id with the commit it was read at, so a results file names the revision it measured
+        "base": None if teacher_model else (built.hub_teacher or base or profile.teacher_base or MINILM),
+        "teacher": teacher_model and (built.hub_teacher or teacher_model),
         "student_base": profile.student_base or f"{profile.distill.num_layers} layers cut from the teacher",
         "data": built.sst2.source,
         "pooling": profile.pooling,

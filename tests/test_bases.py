@@ -158,6 +158,14 @@ def test_base_fingerprint_hub_snapshot_is_its_commit(fake_hub, tiny_base_dir, tm
     assert bases.is_hub_snapshot(resolve_base("org/tiny")) and not bases.is_hub_snapshot(tiny_base_dir)
 
 
+def test_a_hub_snapshot_is_shown_by_its_id_and_commit(fake_hub, tiny_base_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_hub("org-a/tiny-v2.1", tiny_base_dir, COMMIT)  # (the hub refuses "--" in an id: the cache's separator)
+    snapshot = resolve_base("org-a/tiny-v2.1")
+    assert bases.hub_revision(snapshot) == bases.shown(snapshot) == f"org-a/tiny-v2.1@{COMMIT}"
+    assert bases.hub_revision(tiny_base_dir) is None and bases.shown(tiny_base_dir) == str(tiny_base_dir)
+
+
 def test_base_fingerprint_local_changes_with_config(tiny_base_dir, tmp_path):
     folder = tmp_path / "base"
     shutil.copytree(tiny_base_dir, folder)

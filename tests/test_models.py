@@ -194,6 +194,28 @@ def test_a_hub_id_loads_from_its_cached_snapshot(fake_hub, tmp_path, tiny_model,
     assert torch.equal(base.bert.embeddings.word_embeddings.weight, tiny_model.bert.embeddings.word_embeddings.weight)
 
 
+def test_errors_about_a_hub_model_name_its_id_and_commit(fake_hub, tmp_path, tiny_model, tiny_config, tiny_tokenizer,
+                                                         monkeypatch):
+    import copy
+
+    from transformers import BertForSequenceClassification
+
+    from compression.models import load_base, load_finetuned
+
+    monkeypatch.chdir(tmp_path)
+    tiny_model.save_pretrained(tmp_path / "no-tokenizer")
+    fake_hub("org/no-tokenizer", tmp_path / "no-tokenizer", "a" * 40)
+    with pytest.raises(ValueError, match=f"^org/no-tokenizer@{'a' * 40}: no tokenizer"):
+        load_base("org/no-tokenizer")
+    config = copy.deepcopy(tiny_config)
+    config.num_labels = 3
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "three")
+    tiny_tokenizer.save_pretrained(tmp_path / "three")
+    fake_hub("org/three", tmp_path / "three", "b" * 40)
+    with pytest.raises(ValueError, match=f"^org/three@{'b' * 40}: a 3-label classifier"):
+        load_finetuned("org/three")
+
+
 def test_pickled_weights_load_from_a_hub_snapshot_but_never_from_a_users_folder(fake_hub, tmp_path, tiny_model,
                                                                                 tiny_tokenizer, monkeypatch):
     # A repo the hub serves without safetensors is read through torch.load(weights_only=True); the same files in

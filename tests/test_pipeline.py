@@ -340,25 +340,44 @@ def _biased_teacher(folder, model, tokenizer, favour: int):
     return folder
 
 
-def test_given_teacher_is_used_as_it_is(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+def test_given_teacher_is_used_as_it_is(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, fake_hub):
+    # (given as a hub id: a folder goes the same way, as the other given-teacher tests give it)
     from compression import pipeline
 
     write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
     rows = make_sentences(32, seed=2)
     write_tsv(tmp_path / "sst2" / "dev.tsv", rows)
     majority = int(sum(label for _, label in rows) * 2 >= len(rows))
-    given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, majority)
+    fake_hub("org/given", _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, majority), "c" * 40)
+    monkeypatch.chdir(tmp_path / "sst2")  # (no folder named like the id)
 
     def no_finetune(*args, **kwargs):
         raise AssertionError("a given teacher must not be fine-tuned")
 
     monkeypatch.setattr(pipeline, "finetune", no_finetune)
-    built = build_variants(tiny_profile(), None, str(tmp_path / "sst2"), tmp_path / "cache",
-                           teacher_model=str(given))
+    built = build_variants(tiny_profile(), None, str(tmp_path / "sst2"), tmp_path / "cache", teacher_model="org/given")
+    assert built.hub_teacher == f"org/given@{'c' * 40}"
     rows_out = measure_variants(built)
     expected = 100.0 * sum(label == majority for _, label in rows) / len(rows)
     assert rows_out[0]["name"] == "teacher" and rows_out[0]["val_accuracy"] == round(expected, 2)
     assert [r["name"] for r in rows_out] == NAMES
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_results_name_a_hub_teacher_by_its_id_and_commit(monkeypatch, given):
+    from types import SimpleNamespace
+
+    from compression import pipeline, rows
+
+    revision = f"org/tiny@{'c' * 40}"
+    built = pipeline.Run([], SimpleNamespace(source="sst2"), get_profile("smoke"), {}, hub_teacher=revision)
+    monkeypatch.setattr(pipeline, "build_then_load", lambda *args, **kwargs: built)
+    monkeypatch.setattr(rows, "measure_variants", lambda *args, **kwargs: [])
+    doc = pipeline.run("smoke", None if given else "org/tiny", teacher_model="org/tiny" if given else None)
+    assert (doc["base"], doc["teacher"]) == ((None, revision) if given else (revision, None))
+    built.hub_teacher = None  # a folder or an embedded base: named as it was given
+    doc = pipeline.run("smoke", None if given else "./tiny", teacher_model="./tiny" if given else None)
+    assert (doc["base"], doc["teacher"]) == ((None, "./tiny") if given else ("./tiny", None))
 
 
 def test_a_teacher_too_shallow_to_cut_is_refused_before_it_trains(tmp_path, tiny_config, tiny_tokenizer, sst2_dir,
