@@ -153,6 +153,8 @@ def build_variants(
     train = sst2.splits["train"]
     stages: dict[str, float] = {}
     teacher_name = resolve_base(teacher_model or base or profile.teacher_base, root)
+    # resolved once: a hub id's is a request to the hub each time
+    student_name = None if profile.student_base is None else resolve_base(profile.student_base, root)
     torch.manual_seed(profile.teacher.seed)  # the new classifier head's initialisation is part of the recipe
     if teacher_model is None:
         base_model, tokenizer = load_base(teacher_name, pooling=profile.pooling, cache_root=root)
@@ -167,7 +169,7 @@ def build_variants(
         except ValueError as err:
             raise ValueError(f"{shown(teacher_name)}: {err}") from None
     else:
-        student_config = AutoConfig.from_pretrained(resolve_base(profile.student_base, root), trust_remote_code=False)
+        student_config = AutoConfig.from_pretrained(student_name, local_files_only=True, trust_remote_code=False)
         student_type = student_config.model_type
     layout_for(student_type, "head pruning")
     train_t = tokenize(train, tokenizer, profile.teacher.max_length)
@@ -242,7 +244,6 @@ def build_variants(
         s_tokenizer, train_s, s_identity = tokenizer, train_t, {"cut": profile.distill.num_layers}
         s_max_length = profile.teacher.max_length
     else:
-        student_name = resolve_base(profile.student_base, root)
         torch.manual_seed(profile.student.seed)
         student_base_model, s_tokenizer = load_base(student_name, pooling=profile.pooling, cache_root=root)
         s_max_length = profile.student.max_length
