@@ -463,7 +463,7 @@ def run(
         "profile": profile.name,
         # a hub id with the commit it was read at, so a results file names the revision it measured
         "base": None if teacher_model else (built.hub_teacher or base or profile.teacher_base or MINILM),
-        "teacher": teacher_model and (built.hub_teacher or teacher_model),
+        "teacher": (built.hub_teacher or teacher_model) if teacher_model else None,
         "student_base": profile.student_base or f"{profile.distill.num_layers} layers cut from the teacher",
         "data": built.sst2.source,
         "pooling": profile.pooling,
