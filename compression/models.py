@@ -32,6 +32,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from compression.bases import is_hub_snapshot, resolve_base, shown
+from compression.schema import one_line
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,43 @@ def check_model_folder(folder: str | Path) -> None:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # missing or malformed: transformers says so, naming the file
-    if isinstance(config, dict) and "auto_map" in config:
+    if not isinstance(config, dict):
+        raise ValueError(f"{shown(folder)}: its config.json is a JSON {type(config).__name__}, not an object")
+    if "auto_map" in config:
         raise ValueError(f"{shown(folder)}: its config.json asks for custom code (auto_map), which is never run here")
+
+
+def check_family(folder: str | Path) -> None:
+    """ValueError naming `folder` unless its config.json's `model_type` is a family every stage supports
+    (`ENCODER_LAYOUTS`): checked before transformers reads the folder, which knows many more families."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # missing or malformed: reading the folder says so, naming it
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    try:
+        layout_for(model_type, "this tool", "a config.json without a model_type")
+    except ValueError as err:
+        raise ValueError(f"{shown(folder)}: {err}") from None
+
+
+@contextmanager
+def readable_model(name: str | Path) -> Iterator[None]:
+    """Reading a given model folder (config, tokenizer, weights): whatever transformers, tokenizers or safetensors
+    raise about its files (a config value of the wrong type, weights of another shape, a corrupt tokenizer.json)
+    as one ValueError naming `name`; this module's own errors, which name it already, pass as they are."""
+    try:
+        with readable_weights(name):
+            yield
+    except torch.OutOfMemoryError:
+        raise  # the machine's limit, not the folder's fault
+    except Exception as err:
+        if isinstance(err, ValueError) and str(err).startswith(shown(name)):
+            raise
+        if "ignore_mismatched_sizes" in str(err):  # transformers points at a report the CLI's log level hides
+            raise ValueError(f"{shown(name)}: cannot be loaded (its weights' shapes are not those its config.json "
+                             "gives; `compress -v` lists them)") from err
+        raise ValueError(f"{shown(name)}: cannot be loaded ({type(err).__name__}: {one_line(err, 300)})") from err
 
 
 def _weights_kwargs(folder: str | Path) -> dict:
@@ -202,9 +238,10 @@ def load_base(
     check_pooling(pooling)
     name = resolve_base(base, cache_root)
     check_model_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    check_family(name)
     kwargs = dict(num_labels=num_labels, **_weights_kwargs(name))
-    with readable_weights(name):
+    with readable_model(name):
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
         if pooling == "mean":
             model_type = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False).model_type
             model = mean_pool_class(model_type).from_pretrained(name, **kwargs)
@@ -221,11 +258,14 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     """
     name = resolve_base(name)
     check_model_folder(name)
-    config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
-    if config.num_labels != num_labels:
-        raise ValueError(f"{shown(name)}: a {config.num_labels}-label classifier; SST-2 needs {num_labels} "
+    check_family(name)
+    with readable_model(name):
+        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+        labels = config.num_labels
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    if labels != num_labels:
+        raise ValueError(f"{shown(name)}: a {labels}-label classifier; SST-2 needs {num_labels} "
                          "(0 negative, 1 positive)")
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     kwargs = _weights_kwargs(name)
     if kwargs["use_safetensors"] and not list(Path(name).glob("*.safetensors")):
         raise ValueError(f"{shown(name)}: no safetensors weights (other formats are not loaded: they can run code)")
@@ -233,7 +273,7 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     # cannot rebuild from a stock config
     if any(getattr(config, key, None) is not None for key in ("kept_heads", "kept_neurons", "embedding_rank")):
         raise ValueError(f"{shown(name)}: a pruned or factored model; give the unpruned teacher")
-    with readable_weights(name):
+    with readable_model(name):
         model, info = classifier_class(config).from_pretrained(name, output_loading_info=True, **kwargs)
     # transformers only warns (hidden at the CLI's log level) and starts such weights at random
     unloaded = [*info.get("missing_keys", ()), *(str(k[0]) if isinstance(k, tuple) else str(k)

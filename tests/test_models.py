@@ -156,6 +156,11 @@ def test_load_finetuned_refuses_weights_it_would_start_at_random(tmp_path, tiny_
         load_finetuned(str(tmp_path))
 
 
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 @pytest.mark.parametrize("loader", ["load_base", "load_finetuned"])
 @pytest.mark.parametrize("damage, says", [
     (lambda f: [p.unlink() for p in f.iterdir() if p.name.startswith(("tokenizer", "vocab", "special"))],
@@ -165,15 +170,21 @@ def test_load_finetuned_refuses_weights_it_would_start_at_random(tmp_path, tiny_
     (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
                                                           "auto_map": {"AutoConfig": "evil.Config"}})),
      "its config.json asks for custom code (auto_map), which is never run here"),
-])
+    (lambda f: (f / "config.json").write_text("[]"), "its config.json is a JSON list, not an object"),
+    (lambda f: _edit_config(f, model_type="nosuchfamily"), "this tool supports bert, "),
+    (lambda f: _edit_config(f, hidden_size="32"), "cannot be loaded (StrictDataclassFieldValidationError: "),
+    (lambda f: _edit_config(f, vocab_size=7), "cannot be loaded (its weights' shapes are not those its config"),
+    (lambda f: (f / "tokenizer.json").write_text("xx"), "cannot be loaded (JSONDecodeError: "),
+], ids=["no-tokenizer", "weights", "auto_map", "config-list", "family", "config-type", "shapes", "tokenizer"])
 def test_a_damaged_model_folder_is_one_error_naming_it(tmp_path, tiny_model, tiny_tokenizer, loader, damage, says):
     from compression import models
     from compression.artifacts import save_classifier
 
     save_classifier(tiny_model, tiny_tokenizer, tmp_path)
     damage(tmp_path)
-    with pytest.raises(ValueError, match=f"^{tmp_path}: {re.escape(says)}"):
+    with pytest.raises(ValueError, match=f"^{tmp_path}: {re.escape(says)}") as err:
         getattr(models, loader)(str(tmp_path))
+    assert "\n" not in str(err.value)
 
 
 # --- a hub id: its snapshot in the Hugging Face cache, loaded like a folder ---------------------------------

@@ -397,6 +397,28 @@ def test_a_teacher_too_shallow_to_cut_is_refused_before_it_trains(tmp_path, tiny
         build_variants(tiny_profile(), str(tmp_path / "shallow"), str(sst2_dir), tmp_path / "cache")
 
 
+@pytest.mark.parametrize("given", [False, True], ids=["base", "teacher"])
+def test_a_teacher_of_another_family_is_refused_beside_a_student_base(tmp_path, tiny_tokenizer, tiny_base_dir,
+                                                                       sst2_dir, monkeypatch, given):
+    """With a student base of its own (the full profile) no student is cut from the teacher, and still an ALBERT
+    `--base` or `--teacher` is refused, naming it and the supported families, before any training."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    from compression import pipeline
+
+    config = AlbertConfig(vocab_size=tiny_tokenizer.vocab_size, embedding_size=16, hidden_size=32,
+                          num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, num_labels=2)
+    AlbertForSequenceClassification(config).save_pretrained(tmp_path / "albert")
+    tiny_tokenizer.save_pretrained(tmp_path / "albert")
+    monkeypatch.setattr(pipeline, "finetune", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: pytest.fail("distilled before the check"))
+    folder = str(tmp_path / "albert")
+    with pytest.raises(ValueError, match=r"albert: this tool supports bert, .* this one is 'albert'") as err:
+        build_variants(tiny_profile(student_base=str(tiny_base_dir), pooling="cls"), None if given else folder,
+                       str(sst2_dir), tmp_path / "cache", teacher_model=folder if given else None)
+    assert "\n" not in str(err.value)
+
+
 def test_every_stage_trains_on_the_cpu_for_a_cpu_run(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     """`--device cpu` trains on the CPU even where a GPU is: each stage says so (None would mean "on the GPU if
     there is one")."""
