@@ -226,7 +226,11 @@ def _variant_folder(results_path: Path, variant: str) -> Path:
     rows = read_json(results_path).get("variants")
     if not isinstance(rows, list):
         raise ValueError(f"{results_path}: key 'variants' missing (not a results.json from compress run)")
-    names = [r.get("name") for r in rows if isinstance(r, dict)]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{results_path}: key 'variants[{i}]' is not an object (not a results.json from "
+                             "compress run)")
+    names = [row.get("name") for row in rows]
     if variant not in names:
         raise ValueError(f"{results_path}: no variant {variant!r} (has: {', '.join(map(str, names))})")
     folder = rows[names.index(variant)].get("folder")

@@ -83,14 +83,16 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
         raise ValueError(f"{folder}: a {kind} variant runs only under {runs_under}; "
                          "export its _int8 (fast on CPU) or fp32 variant instead")
     _check_out(folder, out, overwrite)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    placed = False
     try:
         try:
             _build(folder, work, kind)
-        except (ValueError, OSError):
-            raise
         except Exception as err:  # a malformed config or tokenizer, met deep in transformers or onnxruntime
+            if isinstance(err, (ValueError, OSError)) and str(folder) in str(err):
+                raise  # names what is wrong already
             raise ValueError(f"{folder}: cannot be exported ({type(err).__name__}: {one_line(err, 300)})") from None
         try:  # what predict will do, before anything is put in place
             text_logits(work, ["a sentence to check the exported folder runs"])
@@ -101,9 +103,15 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
         os.umask(umask)
         os.chmod(work, 0o777 & ~umask)  # mkdtemp makes 0700; an export is an ordinary folder
         _place(work, out, overwrite)
+        placed = True
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+        for parent in made if not placed else ():  # a refused export leaves no folders behind it either
+            try:
+                parent.rmdir()
+            except OSError:
+                break
     return out
 
 
@@ -115,6 +123,8 @@ def _check_out(folder: Path, out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out}: cannot be resolved ({err})") from None
     if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
         raise ValueError(f"{out}: is, holds or is inside the variant folder {folder}; export somewhere else")
+    if out.is_symlink():  # renaming into place would replace the link, not fill the folder it points to
+        raise ValueError(f"{out}: is a symbolic link; give the folder it points to")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -353,6 +353,20 @@ def test_cli_export_bad_variant(capsys, tmp_path, results_json, variant, named):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("junk", ["junk", 5, None])
+def test_cli_export_refuses_a_row_that_is_not_an_object(capsys, tmp_path, results_json, junk):
+    """A stray entry before the rows must not shift which folder a name picks (teacher_int8's would be exported
+    as teacher), nor crash after it."""
+    doc = json.loads(results_json.read_text())
+    doc["variants"].insert(0, junk)
+    results_json.write_text(json.dumps(doc))
+    out = tmp_path / "sentiment"
+    assert main(["export", str(results_json), "teacher", "--out", str(out)]) == EXIT_ERROR
+    line = stderr_line(capsys)
+    assert "key 'variants[0]' is not an object" in line and str(results_json) in line, line
+    assert not out.exists()
+
+
 def test_cli_export_missing_results(capsys, tmp_path):
     missing = tmp_path / "results.json"
     assert main(["export", str(missing), "teacher", "--out", str(tmp_path / "o")]) == EXIT_ERROR
@@ -406,6 +420,8 @@ def copy_variant(saved_all, kind: str, tmp_path) -> Path:
                                                           "model_type": "evilnet", "auto_map": {
                                                               "AutoConfig": "evil.EvilConfig"}})),
      "asks for custom code (auto_map)"),  # refused without asking (trust_remote_code is never on)
+    (lambda f: (f / "tokenizer.json").write_text("xx"),
+     "cannot be exported (JSONDecodeError"),  # tokenizers' own message names no file
 ])
 def test_damaged_fp32_variant_is_one_error_and_nothing_written(saved_all, tmp_path, damage, says):
     folder = copy_variant(saved_all, "fp32", tmp_path)
@@ -420,8 +436,20 @@ def test_int8_variant_whose_onnx_does_not_load_is_refused_before_it_is_placed(sa
     folder = copy_variant(saved_all, "int8", tmp_path)
     (folder / "model.onnx").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}: its export does not run: .*onnxruntime"):
-        export_variant(folder, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        export_variant(folder, tmp_path / "new" / "deeper" / "out")
+    assert not (tmp_path / "new").exists()  # nor the folders made to hold it
+
+
+@pytest.mark.parametrize("target", ["empty", "full"])
+def test_out_that_is_a_symlink_is_refused_and_its_folder_untouched(saved_all, tmp_path, target):
+    (tmp_path / target).mkdir()
+    if target == "full":
+        (tmp_path / target / "mine.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / target)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'link'))}: is a symbolic link"):
+        export_variant(saved_all["cls"].int8, tmp_path / "link", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target, "link"])
+    assert [p.name for p in (tmp_path / target).iterdir()] == ([] if target == "empty" else ["mine.txt"])
 
 
 def test_out_that_is_a_symlink_loop_is_refused(saved_all, tmp_path):
