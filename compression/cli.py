@@ -1,6 +1,7 @@
 """`compress`: run the compression job, gate a run against baselines, accept a run as the new baselines.
 
-    compress run [--profile full|smoke] [--base ID_OR_DIR] [--pooling mean|cls] [--data DIR] [--out results/]
+    compress run [--profile full|minilm|smoke] [--base ID_OR_DIR | --teacher ID_OR_DIR] [--pooling mean|cls]
+                 [--data DIR] [--out results/] [--cache DIR] [--device auto|cpu|cuda] [--threads N]
     compress check RESULTS [--baselines baselines.json]
     compress baselines --accept RESULTS [RESULTS ...] [--baselines baselines.json]
     compress schema results|baselines
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="classifier input: masked mean of the tokens (profiles' default; BERT bases) or [CLS]")
     run.add_argument("--out", default="results", type=Path, help="where results.{md,json} and pareto.png go")
     run.add_argument("--cache", default=None, type=Path,
-                     help="artifact cache (default: $COMPRESSION_CACHE or ~/.cache/model-compression)")
+                     help="artifact cache (default: $COMPRESSION_CACHE, else $XDG_CACHE_HOME/model-compression, "
+                          "else ~/.cache/model-compression)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="where fp32 and bnb8 models train and run (int8 always runs on CPU)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -116,8 +118,9 @@ def _device(choice: str) -> str:
     return choice
 
 
-def check_output_folder(option: str, folder: Path) -> None:
-    """Raise ValueError naming `option` unless `folder` is, or can be created as, a folder this user can write to.
+def check_output_folder(option: str, folder: Path, files: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming `option` unless `folder` is, or can be created as, a folder this user can write to,
+    `files` into it included.
 
     Nothing is created: a run that fails later must not leave an empty results folder behind.
     """
@@ -127,6 +130,14 @@ def check_output_folder(option: str, folder: Path) -> None:
         raise ValueError(f"{option} {folder}: exists and is not a folder")
     if not existing.is_dir():
         raise ValueError(f"{option} {folder}: {existing} is a file, not a folder")
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > limit:
+            raise ValueError(f"{option} {folder}: a name in it is longer than the {limit} bytes the file system "
+                             "allows")
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(f"{option} {folder}: its {name} is a folder, where the run writes a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "it is" if existing == path else f"{existing} is"
         raise ValueError(f"{option} {folder}: not writable ({where} read-only for this user)")
@@ -134,13 +145,15 @@ def check_output_folder(option: str, folder: Path) -> None:
 
 def cmd_run(args) -> int:
     from compression import cache, data
+    from compression.report import RESULT_FILES
 
     if args.threads is not None and not 1 <= args.threads <= 1024:
         raise ValueError(f"--threads must be 1-1024, got {args.threads}")
     data.resolve_data_dir(args.data)  # fail on a bad folder before loading any model
     if args.base is not None and args.teacher is not None:
         raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
-    check_output_folder("--out", args.out)  # ... and on a folder the results could not be written to
+    # ... and on a folder the results could not be written to
+    check_output_folder("--out", args.out, RESULT_FILES)
     if args.cache is not None:
         check_output_folder("--cache", args.cache)
     else:

@@ -100,10 +100,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+RESULT_FILES = ("results.json", "results.md", "pareto.png")  # what `write_results` writes into --out
+
+
 def write_results(results: dict, out: Path) -> list[Path]:
     """results.json, results.md and pareto.png into `out`; returns the paths written."""
     written = []
-    json_path, md_path, png_path = out / "results.json", out / "results.md", out / "pareto.png"
+    json_path, md_path, png_path = (out / name for name in RESULT_FILES)
     write_atomic(json_path, (json.dumps(results, indent=2) + "\n").encode())
     write_atomic(md_path, markdown(results).encode())
     write_atomic(png_path, pareto_png(results["variants"]))

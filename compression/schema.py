@@ -302,11 +302,29 @@ def one_line(message: object, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # json keeps the last of two equal keys without a word: a second "max_flips" could switch a budget off
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
 def read_json(path: str | os.PathLike) -> dict:
-    """A JSON object from `path`; a missing or malformed file, or a NaN/Infinity anywhere, is a ValueError."""
+    """A JSON object from `path`; a missing or malformed file, a key twice in one object, or a NaN/Infinity
+    anywhere is a ValueError."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_NonFinite, parse_float=_finite_float)
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_NonFinite, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ValueError(f"{path}: {one_line(err, 200)}") from None
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:

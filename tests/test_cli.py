@@ -401,6 +401,19 @@ def test_check_malformed_baselines(capsys, accepted, dotted, raw, key):
     assert line.startswith(f"compress check: error: {baselines}: key '{key}': ")
 
 
+def test_check_refuses_a_budget_given_twice(capsys, accepted):
+    """A second "max_flips" in one variant's budgets would replace the first and switch that gate off."""
+    results, baselines = accepted
+    doc = json.loads(baselines.read_text())
+    flips = doc["profiles"]["smoke"]["student"]["max_flips"]
+    text = json.dumps(doc).replace(f'"max_flips": {flips}', f'"max_flips": {flips}, "max_flips": 100000', 1)
+    baselines.write_text(text)
+    assert text.count('"max_flips": 100000') == 1
+    assert main(["check", str(results), "--baselines", str(baselines)]) == EXIT_ERROR
+    line = one_error_line(capsys, "check")
+    assert line == f"compress check: error: {baselines}: key 'max_flips' appears twice in one object"
+
+
 BAD_RESULTS = [
     ("profile", '["smoke"]', "profile"),
     ("environment", '"cpu"', "environment"),
@@ -664,6 +677,25 @@ def test_run_out_in_a_read_only_folder(capsys, sst2_dir, tmp_path):
     locked.mkdir(mode=0o555)
     line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(locked), "--cache", str(tmp_path / "c"))
     assert "--out" in line and "not writable (it is read-only" in line
+
+
+@pytest.mark.usefixtures("no_pipeline")
+def test_run_out_whose_results_file_is_a_folder(capsys, sst2_dir, tmp_path):
+    (tmp_path / "out" / "results.json").mkdir(parents=True)
+    line = run_rejected(capsys, "--data", str(sst2_dir), "--out", str(tmp_path / "out"),
+                        "--cache", str(tmp_path / "c"))
+    assert line == (f"compress run: error: --out {tmp_path / 'out'}: its results.json is a folder, where the run "
+                    "writes a file")
+
+
+@pytest.mark.usefixtures("no_pipeline")
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_run_folder_name_too_long_for_the_file_system(capsys, sst2_dir, tmp_path, option):
+    long = tmp_path / ("x" * 300) / "sub"
+    folders = {"--out": str(tmp_path / "out"), "--cache": str(tmp_path / "c"), option: str(long)}
+    line = run_rejected(capsys, "--data", str(sst2_dir), *[x for kv in folders.items() for x in kv])
+    assert line.startswith(f"compress run: error: {option} {long}: a name in it is longer than the ")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
 
 
 def test_check_output_folder_accepts_a_new_or_existing_folder_and_creates_nothing(tmp_path):

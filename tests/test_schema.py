@@ -335,6 +335,18 @@ def test_read_json_refuses_non_finite_numbers_naming_the_key(tmp_path, text, key
     assert error_of(read_json, path) == f"{path}: key '{key}': {token} is not a finite number"
 
 
+@pytest.mark.parametrize("text, key", [
+    ('{"a": 1, "a": 1}', "a"),
+    ('{"p": {"student": {"max_flips": 91, "max_flips": 100000}}}', "max_flips"),
+    ('{"v": [{"name": "x"}, {"name": "y", "name": "z"}]}', "name"),
+])
+def test_read_json_refuses_a_key_twice_in_one_object(tmp_path, text, key):
+    """json.loads keeps the last of two equal keys: a second budget would silently replace the first."""
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    assert error_of(read_json, path) == f"{path}: key {key!r} appears twice in one object"
+
+
 def test_read_json_ok(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('{"a": [1, 2.5, -0.0, 1e300], "b": {"c": null, "d": "NaN"}}')
