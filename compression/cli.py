@@ -40,6 +40,14 @@ def _named(text: str) -> str:
     return text
 
 
+def _path(text: str) -> Path:
+    """A file or folder argument: not empty (Path("") is the current folder, so an unset shell variable in
+    `--out "$OUT"` would write there)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file or folder, got an empty string")
+    return Path(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line, like every other error (the usage is what --help is for)."""
 
@@ -66,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="SST-2 folder in GLUE layout (default: $SST2_DIR, else GLUE from the hub)")
     run.add_argument("--pooling", default=None, choices=["cls", "mean"],
                      help="classifier input: masked mean of the tokens (profiles' default; BERT bases) or [CLS]")
-    run.add_argument("--out", default="results", type=Path, help="where results.{md,json} and pareto.png go")
-    run.add_argument("--cache", default=None, type=Path,
+    run.add_argument("--out", default="results", type=_path, help="where results.{md,json} and pareto.png go")
+    run.add_argument("--cache", default=None, type=_path,
                      help="artifact cache (default: $COMPRESSION_CACHE, else $XDG_CACHE_HOME/model-compression, "
                           "else ~/.cache/model-compression)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -75,14 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
 
     check = sub.add_parser("check", help="gate a results.json against baselines; exit 1 on any breach")
-    check.add_argument("results", type=Path)
-    check.add_argument("--baselines", type=Path, default=Path("baselines.json"))
+    check.add_argument("results", type=_path)
+    check.add_argument("--baselines", type=_path, default=Path("baselines.json"))
 
     base = sub.add_parser("baselines", help="rewrite baselines from a run")
-    base.add_argument("--accept", type=Path, required=True, nargs="+", metavar="RESULTS",
+    base.add_argument("--accept", type=_path, required=True, nargs="+", metavar="RESULTS",
                       help="results.json of one or more runs (each budget from the worst of them, the latency "
                            "ratio from their median; with slack)")
-    base.add_argument("--baselines", type=Path, default=Path("baselines.json"))
+    base.add_argument("--baselines", type=_path, default=Path("baselines.json"))
 
     schema = sub.add_parser("schema", help="print the JSON Schema of results.json or baselines.json")
     schema.add_argument("document", choices=["results", "baselines"])
@@ -93,14 +101,14 @@ def _parser() -> argparse.ArgumentParser:
 def _add_export_parsers(sub) -> None:
     """`export` and `predict`: take a variant out of the cache, and run what was taken out."""
     export = sub.add_parser("export", help="write a variant to a folder that runs under onnxruntime + tokenizers")
-    export.add_argument("results", type=Path, nargs="?", help="results.json of a run (its rows name their folders)")
+    export.add_argument("results", type=_path, nargs="?", help="results.json of a run (its rows name their folders)")
     export.add_argument("variant", nargs="?", help="a variant of that run, e.g. student_int8")
-    export.add_argument("--folder", type=Path, default=None, help="a cache folder, instead of RESULTS VARIANT")
-    export.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--folder", type=_path, default=None, help="a cache folder, instead of RESULTS VARIANT")
+    export.add_argument("--out", type=_path, required=True, help="the folder to write (must not exist or be empty)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     predict = sub.add_parser("predict", help="label and probability of each text, from an exported folder")
-    predict.add_argument("folder", type=Path, help="a folder written by compress export")
+    predict.add_argument("folder", type=_path, help="a folder written by compress export")
     predict.add_argument("texts", nargs="+", metavar="TEXT")
 
 

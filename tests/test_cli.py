@@ -114,6 +114,26 @@ def test_run_empty_model_name_is_refused_not_the_default(capsys, sst2_dir, optio
     assert f"{option}: must name a model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["run", "--out", ""], "--out"),
+    (["run", "--cache", " "], "--cache"),
+    (["check", ""], "results"),
+    (["check", "r.json", "--baselines", ""], "--baselines"),
+    (["baselines", "--accept", ""], "--accept"),
+    (["export", "--folder", "f", "--out", ""], "--out"),
+    (["predict", "", "text"], "folder"),
+])
+def test_an_empty_path_is_refused_not_the_current_folder(capsys, tmp_path, monkeypatch, argv, option):
+    """Path("") is ".": an unset variable in `--out "$OUT"` would otherwise write into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert f"{option}: must name a file or folder, got an empty string" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_hub_id_not_to_be_had_is_one_line_naming_it(capsys, sst2_dir, tmp_path, monkeypatch):
     # the build worker is a fresh process: it finds the (empty) Hugging Face cache through the environment
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))

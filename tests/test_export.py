@@ -452,6 +452,14 @@ def test_out_that_is_a_symlink_is_refused_and_its_folder_untouched(saved_all, tm
     assert [p.name for p in (tmp_path / target).iterdir()] == ([] if target == "empty" else ["mine.txt"])
 
 
+def test_out_under_a_file_is_refused(saved_all, tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'results.json' / 'out'))}: "
+                                         f"{re.escape(str(tmp_path / 'results.json'))} is a file, not a folder"):
+        export_variant(saved_all["cls"].int8, tmp_path / "results.json" / "out")
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
 def test_out_that_is_a_symlink_loop_is_refused(saved_all, tmp_path):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
