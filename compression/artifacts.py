@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from compression.low_rank import RANK_KEY, LowRankConfig, low_rank_shape_
-from compression.models import check_model_folder, classifier_class, readable_weights
+from compression.models import check_model_folder, classifier_class, readable_model
 from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
 from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
 from compression.quant_bnb8 import Bnb8Config, bnb8_from_state, bnb8_state
@@ -78,9 +78,9 @@ def load_classifier(folder: str | os.PathLike) -> tuple[PreTrainedModel, "AutoTo
     """Load what `save_classifier` wrote, pruned and mean-pooled models included (safetensors only)."""
     folder = Path(folder)
     check_model_folder(folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    with readable_weights(folder):
+    with readable_model(folder):
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         if not _pruned(config):
             model = classifier_class(config).from_pretrained(folder, local_files_only=True, use_safetensors=True)
             return model.eval(), tokenizer

@@ -33,19 +33,21 @@ EXIT_FAILED = 3  # not the input's fault: the worker building the models died (O
 EXIT_TERMINATED = worker.EXIT_TERMINATED  # 143, SIGTERM; Ctrl-C is 130
 
 
+def _not_empty(text: str, what: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name {what}, got an empty string")
+    return text
+
+
 def _named(text: str) -> str:
     """A model name or folder: not empty (an empty --base would otherwise mean "the profile's default")."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must name a model (a Hugging Face id or a folder), got an empty string")
-    return text
+    return _not_empty(text, "a model (a Hugging Face id or a folder)")
 
 
 def _path(text: str) -> Path:
     """A file or folder argument: not empty (Path("") is the current folder, so an unset shell variable in
     `--out "$OUT"` would write there)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must name a file or folder, got an empty string")
-    return Path(text)
+    return Path(_not_empty(text, "a file or folder"))
 
 
 class _Parser(argparse.ArgumentParser):

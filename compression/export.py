@@ -127,9 +127,6 @@ def _check_out(folder: Path, out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out}: is a symbolic link; give the folder it points to")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    above = next((p for p in out.absolute().parents if os.path.lexists(p)), None)
-    if above is not None and not above.is_dir():  # else mkdir's "File exists" names the file, not why
-        raise ValueError(f"{out}: {above} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty (--overwrite replaces it)")
 

@@ -163,8 +163,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 
 
 def check_model_folder(folder: str | Path) -> None:
-    """ValueError naming `folder` (a local model folder) if it holds no tokenizer, or if its config asks for code
-    of its own (transformers would offer to run it; this tool never does)."""
+    """ValueError naming `folder` (a local model folder) if it holds no tokenizer, if its config asks for code of
+    its own (transformers would offer to run it; this tool never does), or if its `model_type` is not a family
+    every stage supports (`ENCODER_LAYOUTS`; transformers knows many more)."""
     if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{shown(folder)}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
@@ -175,18 +176,8 @@ def check_model_folder(folder: str | Path) -> None:
         raise ValueError(f"{shown(folder)}: its config.json is a JSON {type(config).__name__}, not an object")
     if "auto_map" in config:
         raise ValueError(f"{shown(folder)}: its config.json asks for custom code (auto_map), which is never run here")
-
-
-def check_family(folder: str | Path) -> None:
-    """ValueError naming `folder` unless its config.json's `model_type` is a family every stage supports
-    (`ENCODER_LAYOUTS`): checked before transformers reads the folder, which knows many more families."""
     try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # missing or malformed: reading the folder says so, naming it
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    try:
-        layout_for(model_type, "this tool", "a config.json without a model_type")
+        layout_for(config.get("model_type"), "this tool", "a config.json without a model_type")
     except ValueError as err:
         raise ValueError(f"{shown(folder)}: {err}") from None
 
@@ -194,11 +185,13 @@ def check_family(folder: str | Path) -> None:
 @contextmanager
 def readable_model(name: str | Path) -> Iterator[None]:
     """Reading a given model folder (config, tokenizer, weights): whatever transformers, tokenizers or safetensors
-    raise about its files (a config value of the wrong type, weights of another shape, a corrupt tokenizer.json)
-    as one ValueError naming `name`; this module's own errors, which name it already, pass as they are."""
+    raise about its files (a config value of the wrong type, weights of another shape, a corrupt tokenizer.json,
+    truncated safetensors) as one ValueError naming `name`; errors that name it already pass as they are."""
     try:
-        with readable_weights(name):
-            yield
+        yield
+    except SafetensorError as err:
+        reason = str(err).splitlines()[0]
+        raise ValueError(f"{shown(name)}: its safetensors weights cannot be read ({reason})") from None
     except torch.OutOfMemoryError:
         raise  # the machine's limit, not the folder's fault
     except Exception as err:
@@ -217,16 +210,6 @@ def _weights_kwargs(folder: str | Path) -> dict:
     return dict(local_files_only=True, use_safetensors=None if is_hub_snapshot(folder) else True)
 
 
-@contextmanager
-def readable_weights(name: str | Path) -> Iterator[None]:
-    """Weights that safetensors cannot read (truncated, overwritten) as a ValueError naming `name`."""
-    try:
-        yield
-    except SafetensorError as err:
-        reason = str(err).splitlines()[0]
-        raise ValueError(f"{shown(name)}: its safetensors weights cannot be read ({reason})") from None
-
-
 def load_base(
     base: str | None, num_labels: int = 2, pooling: str = "cls", cache_root=None
 ) -> tuple[PreTrainedModel, "AutoTokenizer"]:
@@ -238,7 +221,6 @@ def load_base(
     check_pooling(pooling)
     name = resolve_base(base, cache_root)
     check_model_folder(name)
-    check_family(name)
     kwargs = dict(num_labels=num_labels, **_weights_kwargs(name))
     with readable_model(name):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
@@ -258,7 +240,6 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     """
     name = resolve_base(name)
     check_model_folder(name)
-    check_family(name)
     with readable_model(name):
         config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
         labels = config.num_labels
