@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from compression import tempdirs
 from compression.data import collator
@@ -120,10 +121,22 @@ def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | Non
         # NaN loss is logged as NaN (training itself is the same either way)
         logging_nan_inf_filter=False,
         report_to="none",
+        # the bar (stderr) even when transformers' logging is quieter than WARNING, as the CLI sets it: the
+        # Trainer would otherwise print each loss report to stdout instead (`LoggedProgress` logs them)
+        disable_tqdm=False,
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         **device_options(use_cpu),
     )
+
+
+class LoggedProgress(ProgressCallback):
+    """transformers' progress bar (on stderr), its loss reports sent to `logging`: the stock one writes them to
+    stdout, where `compress run` prints its table."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            log.info("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
 
 
 def finetune(
@@ -150,6 +163,11 @@ def finetune(
             processing_class=tokenizer,
             **trainer_kwargs,
         )
+        trainer.pop_callback(ProgressCallback)
+        trainer.add_callback(LoggedProgress)
         result = trainer.train()
+        # bf16 training leaves accelerate's autocast wrapper on `model.forward`: without this the trained model
+        # would go on computing in bf16 (and fail to export to ONNX) until reloaded
+        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     log.info("trained %s rows in %.0f s (loss %.4f)", len(train), result.metrics["train_runtime"], result.training_loss)
     return model.eval()

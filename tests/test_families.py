@@ -334,9 +334,10 @@ def test_build_variants_for_each_family(request, family, tmp_path):
 
 
 @pytest.mark.slow
-def test_compress_run_smoke_for_each_family(request, family, tmp_path, capsys):
+def test_compress_run_smoke_for_each_family(request, family, tmp_path, capfd):
     """`compress run --profile smoke --base DIR` end to end (CLI, build process, cache, measurement, results.json)
-    for a tiny random folder of each family, made 4 layers deep so that the smoke profile's 3-layer cut fits."""
+    for a tiny random folder of each family, made 4 layers deep so that the smoke profile's 3-layer cut fits. Its
+    stdout, the build process's included (captured at the file descriptors), is the table alone."""
     import copy
 
     from compression import cli
@@ -351,9 +352,14 @@ def test_compress_run_smoke_for_each_family(request, family, tmp_path, capsys):
     write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
     write_tsv(tmp_path / "sst2" / "dev.tsv", make_sentences(32, seed=2))
     out = tmp_path / "out"
+    capfd.readouterr()  # save_pretrained's progress bar is not the command's output
     code = cli.main(["run", "--profile", "smoke", "--base", str(base), "--data", str(tmp_path / "sst2"),
                      "--out", str(out), "--cache", str(tmp_path / "cache")])
-    assert code == 0, capsys.readouterr().err[-2000:]
+    printed = capfd.readouterr()
+    assert code == 0, printed.err[-2000:]
+    table = printed.out.splitlines()
+    assert len(table) == 2 + len(NAMES) and all(line.startswith("|") for line in table), printed.out[:2000]
+    assert "fine-tuning the teacher" in printed.err  # the progress lines
     results = read_results(out / "results.json")
     assert [v.name for v in results.variants] == NAMES
     assert results.variants[3].parameters < results.variants[0].parameters  # the cut student is smaller

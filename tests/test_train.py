@@ -8,6 +8,7 @@ import dataclasses
 import datasets
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +193,26 @@ def test_finetune_changes_weights_and_is_deterministic(tiny_model_session, tiny_
     with torch.no_grad():
         assert torch.equal(first(**tiny_batch).logits, second(**tiny_batch).logits)
         assert not torch.equal(first(**tiny_batch).logits, tiny_model_session(**tiny_batch).logits)
+
+
+@pytest.mark.parametrize("verbosity", ["warning", "error"])  # error: as the CLI sets it
+def test_a_model_trained_in_bf16_computes_in_fp32_afterwards_and_nothing_is_printed(
+        tiny_model_session, tiny_tokenizer, tokenized_train, tiny_batch, monkeypatch, capsys, verbosity):
+    """accelerate wraps the model's forward in bf16 autocast for training; finetune takes the wrapper off again (a
+    wrapped model exports to ONNX as garbage, or not at all). The Trainer's loss reports go to logging, not stdout,
+    and its progress bar to stderr, whatever transformers' verbosity."""
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity(getattr(transformers.logging, verbosity.upper()))
+    monkeypatch.setattr(train_module, "bf16_supported", lambda use_cpu: True)
+    config = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=16, seed=5)
+    try:
+        model = finetune(copy.deepcopy(tiny_model_session), tiny_tokenizer, tokenized_train, config, use_cpu=True)
+    finally:
+        transformers.logging.set_verbosity(before)
+    plain = copy.deepcopy(tiny_model_session)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(**tiny_batch).logits, plain(**tiny_batch).logits)
+    printed = capsys.readouterr()
+    assert "loss" not in printed.out
+    assert "100%" in printed.err  # the bar
