@@ -109,9 +109,7 @@ def polish(student, train_s, rows_by_source: dict, held_s, tokenizer, distill_co
             prune_config = PruneConfig()
             scoring = training_rows(train_s, TrainConfig(max_rows=prune_config.batch_size
                                                          * prune_config.importance_batches, seed=config.seed))
-            scores = head_importance(model, ({k: v for k, v in b.items() if k != "index"}
-                                             for b in batches(scoring, tokenizer, prune_config.batch_size,
-                                                              with_labels=True)))
+            scores = head_importance(model, batches(scoring, tokenizer, prune_config.batch_size, with_labels=True))
             prune_heads_(model, keep_mask_from_scores(scores, prune_config.remove))
             acc = accuracy(predict(model, held_s, tokenizer), held_s["labels"])
             print(f"{label} {name}: held-out accuracy {acc:.2f}% after the cut", flush=True)

@@ -330,9 +330,8 @@ def build_variants(
         """`config.importance_batches` labelled batches of the first seeded training rows (config: a pruning
         config with `batch_size` and `importance_batches`)."""
         scoring_config = replace(profile.teacher, max_rows=config.batch_size * config.importance_batches)
-        scoring = batches(train_s.select(_rows(len(train_s), scoring_config)), s_tokenizer, config.batch_size,
-                          with_labels=True)
-        return ({k: v for k, v in b.items() if k != "index"} for b in scoring)
+        return batches(train_s.select(_rows(len(train_s), scoring_config)), s_tokenizer, config.batch_size,
+                       with_labels=True)
 
     def pruning_stage(name: str, parent: torch.nn.Module, parent_key: str, identity: dict,
                       cut: Callable[[torch.nn.Module], None]) -> tuple[str, torch.nn.Module]:

@@ -259,7 +259,8 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
 
     `gates(model, gate_fn)` installs the gates (`head_gates`, `prune_ffn.ffn_gates`); each is 1, one per example
     and unit, so the forward is the model's own and dL/dξ is the first-order change of the loss when that unit is
-    removed for that example. `batches` yield model inputs with `labels`; L is the model's own loss.
+    removed for that example. `batches` yield model inputs with `labels` (as `data.batches(..., with_labels=True)`
+    makes them: its `index` is dropped); L is the model's own loss.
     """
     device = next(model.parameters()).device
     scores: torch.Tensor | None = None
@@ -271,7 +272,7 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
 
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
             with gates(model, make_gate) as used:
                 loss = model(**batch).loss
                 grads = torch.autograd.grad(loss, used)  # one [B, units] per layer, in layer order

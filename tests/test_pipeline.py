@@ -4,15 +4,17 @@ student of another family and vocabulary than its teacher (distilled from the ca
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 from compression import graphs
-from compression.artifacts import size_mb
+from compression.artifacts import load_classifier, load_model, size_mb
 from compression.data import tokenize
-from compression.measure import predict
+from compression.measure import accuracy, predict, predict_single
 from compression.pipeline import build_variants, quantized_forms
 from compression.profiles import PROFILES, Profile, get_profile
 from compression.rows import measure_variants
@@ -20,6 +22,8 @@ from compression.schema import MODELS
 from conftest import NAMES, make_sentences, tiny_profile, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -481,3 +485,41 @@ def test_given_teacher_with_three_labels_is_refused(tmp_path, tiny_config, tiny_
     tiny_tokenizer.save_pretrained(tmp_path / "three")
     with pytest.raises(ValueError, match="a 3-label classifier; SST-2 needs 2"):
         build_variants(tiny_profile(), None, str(sst2_dir), tmp_path / "cache", teacher_model=str(tmp_path / "three"))
+
+
+# --- the README's "From Python" block -------------------------------------------------------------------------
+
+
+def readme_python_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## From Python\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_block_prunes_recovers_and_quantizes(tmp_path, monkeypatch, capsys, tiny_base_dir, sst2_dir):
+    """The block as printed, on the tiny classifier and data (its folder, data and row count swapped in)."""
+    block = readme_python_block()
+    for printed, ours in (('"my-classifier/"', repr(str(tiny_base_dir))), ('"../shared/data/sst2"', repr(str(sst2_dir))),
+                          ("range(2000)", "range(64)")):
+        assert block.count(printed) == 1, printed
+        block = block.replace(printed, ours)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md (From Python)", "exec"), scope)
+
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == ["teacher", "pruned", "pruned_int8"], out
+    printed = dict(line.split() for line in out.splitlines())
+    sentences, labels = scope["val"]["sentence"], scope["val"]["label"]
+    # the saved folders are the models the block measured: read back, they predict what it printed
+    pruned, tokenizer = load_classifier(tmp_path / "pruned")
+    assert pruned.config.kept_heads == scope["model"].config.kept_heads
+    assert sum(map(len, pruned.config.kept_heads)) == 16 - 4  # 4 layers x 4 heads, a quarter cut
+    int8, _ = load_model(tmp_path / "pruned_int8")
+    for name, model in (("pruned", pruned), ("pruned_int8", int8)):
+        assert float(printed[name]) == round(accuracy(predict_single(model, sentences, tokenizer), labels), 2)
+    # recovery trained the cut model: its weights moved away from the teacher's
+    teacher_q = scope["teacher"].bert.encoder.layer[0].attention.self.query.weight
+    kept = [h for h in range(4) if h in pruned.config.kept_heads[0]]
+    rows = torch.cat([torch.arange(h * 8, h * 8 + 8) for h in kept])
+    assert not torch.equal(pruned.bert.encoder.layer[0].attention.self.query.weight, teacher_q[rows])
