@@ -45,6 +45,9 @@ def size_mb(folder: str | os.PathLike) -> float:
 
 def save_classifier(model: PreTrainedModel, tokenizer, folder: str | os.PathLike) -> None:
     """Config, safetensors weights and tokenizer into `folder` (which the caller owns)."""
+    kind = getattr(model, "quantization", (None,))[0]
+    if kind is not None:  # a bnb8 model's int8 codes would be saved as if they were its weights
+        raise ValueError(f"save_classifier saves fp32 models; this one is {kind}-quantized: use save_quantized")
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -93,6 +96,9 @@ def load_classifier(folder: str | os.PathLike) -> tuple[PreTrainedModel, "AutoTo
 def save_quantized(model: nn.Module, tokenizer, folder: str | Path) -> None:
     """Write a quantized model (and its tokenizer) into `folder`, which the caller owns."""
     folder = Path(folder)
+    if not hasattr(model, "quantization"):
+        raise ValueError("save_quantized saves what compression.quantize made; this model is not quantized: use "
+                         "save_classifier")
     kind, config = model.quantization
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, Trainer
 from compression.cache import OMIT_DEFAULT
 from compression.data import batches
 from compression.measure import model_device
-from compression.models import encoder_layers, masked_mean
+from compression.models import encoder_layers, evaluating, masked_mean
 from compression.train import TrainConfig, finetune
 
 LOGITS_COLUMN = "teacher_logits"
@@ -82,6 +82,10 @@ def make_student(teacher: PreTrainedModel, num_layers: int) -> PreTrainedModel:
     a ValueError naming these.
     """
     encoder_layers(teacher, "cutting a student from the teacher")  # refuse before the deep copy
+    cut = [key for key in ("kept_heads", "kept_neurons", "embedding_rank") if getattr(teacher.config, key, None)]
+    if cut:  # its per-layer records would not follow the layers kept
+        raise ValueError(f"cutting a student needs an unpruned teacher; this one has {', '.join(cut)} set "
+                         "(cut the student first, then prune it)")
     mapping = layer_map(teacher.config.num_hidden_layers, num_layers)
     student = copy.deepcopy(teacher)
     parent, name, _ = encoder_layers(student, "cutting a student from the teacher")
@@ -155,23 +159,23 @@ def teacher_outputs(
     `pooled` (with `features`) is the attention-masked mean of the last hidden states, what a mean-pooled
     classifier reads. Length-sorted batches keep padding small; bf16 autocast matches a teacher trained in bf16.
     """
-    model = model.eval()
     device = next(model.parameters()).device
     logits_out = pooled_out = None
-    for batch in batches(ds, tokenizer, batch_size):
-        index = batch.pop("index")
-        inputs = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            out = model(**inputs, output_hidden_states=features)
-        logits = out.logits.float().cpu()  # [B, C]
-        if logits_out is None:
-            logits_out = torch.empty(len(ds), logits.shape[1])
-        logits_out[index] = logits
-        if features:
-            pooled = masked_mean(out.hidden_states[-1].float(), inputs["attention_mask"]).cpu()  # [B, H]
-            if pooled_out is None:
-                pooled_out = torch.empty(len(ds), pooled.shape[1])
-            pooled_out[index] = pooled
+    with evaluating(model):  # handed back in the mode it came in
+        for batch in batches(ds, tokenizer, batch_size):
+            index = batch.pop("index")
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                out = model(**inputs, output_hidden_states=features)
+            logits = out.logits.float().cpu()  # [B, C]
+            if logits_out is None:
+                logits_out = torch.empty(len(ds), logits.shape[1])
+            logits_out[index] = logits
+            if features:
+                pooled = masked_mean(out.hidden_states[-1].float(), inputs["attention_mask"]).cpu()  # [B, H]
+                if pooled_out is None:
+                    pooled_out = torch.empty(len(ds), pooled.shape[1])
+                pooled_out[index] = pooled
     return logits_out, pooled_out
 
 
@@ -278,6 +282,10 @@ def distill(
     """
     if teacher is None and LOGITS_COLUMN not in train.column_names:
         raise ValueError("distill needs a teacher model or rows with a teacher_logits column")
+    classes = len(train[0][LOGITS_COLUMN]) if LOGITS_COLUMN in train.column_names and len(train) else None
+    if classes is not None and classes != student.config.num_labels:
+        raise ValueError(f"the rows' teacher logits have {classes} classes; the student has "
+                         f"{student.config.num_labels}")
     if distill_config.feature_weight > 0:
         if features is None or features.dim() != 2 or FEATURE_ROW not in train.column_names:
             raise ValueError(f"feature_weight > 0 needs the teacher's vectors [N, D] and a {FEATURE_ROW} column")

@@ -230,6 +230,8 @@ def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:
         raise ValueError(f"{folder / ONNX_FILE}: takes {', '.join(names)} and gives "
                          f"{', '.join(o.name for o in session.get_outputs())}; an exported model takes "
                          f"{', '.join(known)} (some of them) and gives logits")
+    if isinstance(texts, str):  # would be read a character at a time
+        raise ValueError(f"give a list of texts, not one string ({texts[:40]!r})")
     out = []
     for text in texts:
         # a command-line argument that was not UTF-8 arrives with surrogate escapes, which tokenizers refuses

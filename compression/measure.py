@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from compression.data import MODEL_INPUTS, batches
+from compression.models import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,13 @@ def encode_one(tokenizer, sentence: str, names: tuple[str, ...], max_length: int
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, ds: datasets.Dataset, tokenizer, batch_size: int = 64) -> np.ndarray:
-    """Predicted labels [N] for a tokenized split, in the split's order."""
+    """Predicted labels [N] for a tokenized split, in the split's order (in eval mode; the model's mode is kept)."""
     device = model_device(model)
     preds = np.empty(len(ds), dtype=np.int64)
-    for batch in batches(ds, tokenizer, batch_size):
-        logits = model(**to_device(model_inputs(batch), device)).logits
-        preds[batch["index"].numpy()] = logits.argmax(-1).cpu().numpy()
+    with evaluating(model):
+        for batch in batches(ds, tokenizer, batch_size):
+            logits = model(**to_device(model_inputs(batch), device)).logits
+            preds[batch["index"].numpy()] = logits.argmax(-1).cpu().numpy()
     return preds
 
 
@@ -113,17 +115,23 @@ def predict_single(model: torch.nn.Module, sentences: list[str], tokenizer, max_
     This is accuracy as the model is used: unlike `predict`, no sentence shares a call (and so, for ONNX
     Runtime's dynamic int8, activation scales) with others.
     """
+    if isinstance(sentences, str):  # would be read a character at a time
+        raise ValueError(f"predict_single takes a list of sentences, not one string ({sentences[:40]!r})")
     device = model_device(model)
     names = accepted_inputs(model)
     preds = np.empty(len(sentences), dtype=np.int64)
-    for i, sentence in enumerate(sentences):
-        logits = model(**to_device(encode_one(tokenizer, sentence, names, max_length), device)).logits  # [1, C]
-        preds[i] = int(logits[0].argmax())
+    with evaluating(model):
+        for i, sentence in enumerate(sentences):
+            logits = model(**to_device(encode_one(tokenizer, sentence, names, max_length), device)).logits  # [1, C]
+            preds[i] = int(logits[0].argmax())
     return preds
 
 
 def accuracy(predictions: np.ndarray, references) -> float:
     """Accuracy in percent, computed by the `evaluate` accuracy metric."""
+    if len(predictions) == 0 or len(predictions) != len(references):
+        raise ValueError(f"accuracy needs as many predictions as references, and some: got {len(predictions)} and "
+                         f"{len(references)}")
     result = _accuracy_metric().compute(predictions=list(map(int, predictions)), references=list(map(int, references)))
     return 100.0 * result["accuracy"]
 
@@ -170,10 +178,11 @@ def latency(
     # At least `warmup` calls and at least WARMUP_SECONDS: lets other thread pools' spinning (the previous
     # model's, on a 2-core machine) die down, and lazy initialisation finish, before anything is timed.
     start, calls = time.perf_counter() if warmup_seconds > 0 else 0.0, 0
-    while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
-        model(**examples[calls % len(examples)])
-        calls += 1
-    return _summary([t for _ in range(repeats) for t in _timed_calls(model, examples, lead=0)])
+    with evaluating(model):
+        while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
+            model(**examples[calls % len(examples)])
+            calls += 1
+        return _summary([t for _ in range(repeats) for t in _timed_calls(model, examples, lead=0)])
 
 
 @torch.inference_mode()
@@ -201,18 +210,19 @@ def e2e_latency(
         model(**to_device(encode_one(tokenizer, sentence, names, max_length), device))
 
     start, calls = time.perf_counter() if warmup_seconds > 0 else 0.0, 0
-    while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
-        call(sentences[calls % len(sentences)])
-        calls += 1
     times = []
-    for sentence in sentences:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call(sentence)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000.0)
+    with evaluating(model):
+        while calls < warmup or (warmup_seconds > 0 and time.perf_counter() - start < warmup_seconds):
+            call(sentences[calls % len(sentences)])
+            calls += 1
+        for sentence in sentences:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call(sentence)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000.0)
     return _summary(times)
 
 
@@ -328,14 +338,16 @@ def throughput(model: torch.nn.Module, ds: datasets.Dataset, tokenizer, batch_si
     """Examples per second over a whole tokenized split at `batch_size` (length-sorted batches)."""
     device = model_device(model)
     prepared = [to_device(model_inputs(b), device) for b in batches(ds, tokenizer, batch_size)]
-    # on a GPU an untimed pass over every batch keeps lazy kernel set-up and CUDA-graph captures out of the timing
-    for b in prepared if device.type == "cuda" else prepared[:1]:
-        model(**b)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for b in prepared:
-        model(**b)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(ds) / (time.perf_counter() - start)
+    with evaluating(model):
+        # on a GPU an untimed pass over every batch keeps lazy kernel set-up and CUDA-graph captures out of the
+        # timing
+        for b in prepared if device.type == "cuda" else prepared[:1]:
+            model(**b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for b in prepared:
+            model(**b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(ds) / (time.perf_counter() - start)

@@ -266,8 +266,28 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameter elements (an int8 weight counts once per element, like its fp32 original)."""
+    """Number of parameter elements (a bnb8 or wo8 int8 weight counts once per element, like its fp32 original;
+    an ONNX Runtime model holds no torch parameters: 0, so count its fp32 model's)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode inside the block (no dropout: what is measured is the deterministic function), then
+    back in the mode it came in."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def check_float_model(model: nn.Module, purpose: str) -> None:
+    """ValueError unless `model` is not quantized yet (`purpose` says what needs its float weights)."""
+    kind = getattr(model, "quantization", (None,))[0]
+    if kind is not None:
+        raise ValueError(f"{purpose} needs an unquantized model; this one is {kind}-quantized already")
 
 
 def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:

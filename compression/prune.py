@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compression.models import EncoderLayout, encoder_layers
+from compression.models import EncoderLayout, check_float_model, encoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class PruneConfig:
     batch_size: int = 32
 
     def __post_init__(self):
-        if not (0 < self.remove < 1 or (self.remove >= 1 and float(self.remove).is_integer())):
+        if isinstance(self.remove, bool) or not (0 < self.remove < 1 or (self.remove >= 1
+                                                                         and float(self.remove).is_integer())):
             raise ValueError(f"remove must be a fraction in (0, 1) or a whole count >= 1, got {self.remove}")
         if self.importance_batches < 1:
             raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
@@ -114,8 +115,9 @@ def keep_mask_from_kept(kept: list[list[int]], num_heads: int, unit: str = "head
 
 def check_mask(keep: torch.Tensor, num_layers: int, num_heads: int, unit: str = "head") -> None:
     """Raise ValueError unless `keep` is a bool [num_layers, num_heads] mask leaving every layer a head (`unit`)."""
-    if keep.dtype != torch.bool:
-        raise ValueError(f"keep mask must be bool, got {keep.dtype}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        got = keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"keep mask must be a bool tensor, got {got}")
     if tuple(keep.shape) != (num_layers, num_heads):
         raise ValueError(f"keep mask has shape {tuple(keep.shape)}, expected ({num_layers}, {num_heads})")
     empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
@@ -185,6 +187,7 @@ def prune_heads_(model: nn.Module, keep: torch.Tensor) -> nn.Module:
 
     Heads already removed must be False. Returns `model`, whose config records the heads kept.
     """
+    check_float_model(model, "head pruning")
     sites = attention_sites(model)
     num_heads = model.config.num_attention_heads
     check_mask(keep, len(sites), num_heads)
@@ -249,6 +252,7 @@ def head_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     """
     if getattr(model.config, KEPT_HEADS_KEY, None) is not None:
         raise ValueError("head_importance needs an unpruned model (this one already has heads removed)")
+    check_float_model(model, "head_importance")
     attention_sites(model)  # an unsupported family is refused before any batch is read
     return gate_importance(model, batches, head_gates, model.config.num_attention_heads, "head_importance")
 
@@ -272,6 +276,9 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
 
     try:
         for batch in batches:
+            if "labels" not in batch:
+                raise ValueError(f"{caller} needs batches with labels (data.batches(..., with_labels=True)): the "
+                                 "scores are gradients of the model's own loss")
             batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
             with gates(model, make_gate) as used:
                 loss = model(**batch).loss
@@ -306,6 +313,8 @@ def count_to_remove(remove: float, num_layers: int, per_layer: int, min_keep: in
 
     ValueError if that would leave a layer fewer than `min_keep`.
     """
+    if isinstance(remove, bool) or not (0 < remove < 1 or (remove >= 0 and float(remove).is_integer())):
+        raise ValueError(f"remove must be a fraction in (0, 1) or a whole count, got {remove!r}")
     total = num_layers * per_layer
     n = round(remove * total) if 0 < remove < 1 else int(remove)
     most = num_layers * max(per_layer - min_keep, 0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compression.models import EncoderLayout, encoder_layers
+from compression.models import EncoderLayout, check_float_model, encoder_layers
 from compression.prune import (
     check_kept_subset,
     check_mask,
@@ -135,6 +135,7 @@ def prune_ffn_(model: nn.Module, keep: torch.Tensor) -> nn.Module:
 
     Neurons already removed must be False. Returns `model`, whose config records the neurons kept.
     """
+    check_float_model(model, "FFN pruning")
     sites = ffn_sites(model)
     check_mask(keep, len(sites), intermediate_size(model), unit="neuron")
     current = kept_neurons(model)
@@ -191,6 +192,7 @@ def ffn_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]])
     of `batches`, then L2-normalised per layer so that layers compare (as `prune.head_importance`). `batches`
     yield model inputs with `labels`; L is the model's own loss (cross-entropy on the labels).
     """
+    check_float_model(model, "ffn_importance")
     ffn_sites(model)  # an unsupported family is refused before any batch is read
     if getattr(model.config, KEPT_NEURONS_KEY, None) is not None:
         raise ValueError("ffn_importance needs a model with all its FFN neurons (this one already has some removed)")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compression.int8 import dequantize_rows
-from compression.models import linear_layers
+from compression.models import check_float_model, linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def _quiet_cast_warning() -> None:
 
 def quantize_bnb8_(model: nn.Module, config: Bnb8Config = Bnb8Config()) -> nn.Module:
     """Replace each quantizable nn.Linear by bitsandbytes' Linear8bitLt, in place, on the model's device."""
+    check_float_model(model, "bnb8 quantization")  # Linear8bitLt is an nn.Linear: its codes would be requantized
     import bitsandbytes as bnb  # imported lazily: it probes for CUDA and logs at import
 
     _quiet_cast_warning()

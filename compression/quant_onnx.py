@@ -7,6 +7,7 @@ one `.onnx` file that onnxruntime runs without this package or torch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import warnings
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from compression.int8 import quantize_rows
-from compression.models import linear_layers
+from compression.models import check_float_model, linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,11 @@ def quantize_embedding_rows(proto, min_rows: int = 16):
 
 
 def quantize_int8(model: PreTrainedModel, config: Int8Config = Int8Config()) -> OnnxClassifier:
-    """ONNX Runtime dynamic int8 of an fp32 classifier (the model itself is left unchanged)."""
+    """ONNX Runtime dynamic int8 of an fp32 classifier (the model itself is left unchanged, and the result keeps a
+    copy of its config: later cuts of the model do not change what the ONNX model says it is)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    check_float_model(model, "int8 quantization")
 
     with tempfile.TemporaryDirectory(prefix="compression-onnx-") as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -171,7 +175,7 @@ def quantize_int8(model: PreTrainedModel, config: Int8Config = Int8Config()) -> 
         finally:
             root.setLevel(level)
         data = int8.read_bytes()
-    out = OnnxClassifier(data, model.config, config.threads)
+    out = OnnxClassifier(data, copy.deepcopy(model.config), config.threads)
     out.quantization = ("int8", config)
     return out
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.int8 import QMAX, quantize_rows
-from compression.models import linear_layers
+from compression.models import check_float_model, linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def quantize_wo8_(model: nn.Module, config: Wo8Config = Wo8Config()) -> nn.Module:
     """Replace each quantizable `nn.Linear` (all but `config.skip`) by an `Int8WeightOnlyLinear`, in place."""
+    check_float_model(model, "wo8 quantization")
     for name, linear in linear_layers(model, config.skip):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child,

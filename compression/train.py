@@ -165,9 +165,12 @@ def finetune(
         )
         trainer.pop_callback(ProgressCallback)
         trainer.add_callback(LoggedProgress)
-        result = trainer.train()
-        # bf16 training leaves accelerate's autocast wrapper on `model.forward`: without this the trained model
-        # would go on computing in bf16 (and fail to export to ONNX) until reloaded
-        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        try:
+            result = trainer.train()
+        finally:  # also when training fails or is interrupted: the caller keeps the model
+            # bf16 training leaves accelerate's autocast wrapper on `model.forward`: without this the model would
+            # go on computing in bf16 (and fail to export to ONNX) until reloaded
+            trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            model.eval()
     log.info("trained %s rows in %.0f s (loss %.4f)", len(train), result.metrics["train_runtime"], result.training_loss)
     return model.eval()

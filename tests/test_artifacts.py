@@ -54,3 +54,16 @@ def test_size_mb_without_weights(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
+
+
+def test_each_save_refuses_the_other_kind(tiny_model, tiny_tokenizer, tmp_path):
+    import copy
+
+    from compression.artifacts import save_quantized
+    from compression.quantize import Bnb8Config, quantize
+
+    with pytest.raises(ValueError, match="use save_classifier"):
+        save_quantized(tiny_model, tiny_tokenizer, tmp_path / "q")
+    with pytest.raises(ValueError, match="bnb8-quantized: use save_quantized"):  # its codes would be saved as weights
+        save_classifier(quantize(copy.deepcopy(tiny_model), Bnb8Config()), tiny_tokenizer, tmp_path / "f")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "f").exists()

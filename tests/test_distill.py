@@ -296,3 +296,35 @@ def test_feature_weight_needs_the_vectors_and_their_rows(tiny_mean_model_session
         distill(None, student, tiny_tokenizer, train, config, optim, features=bad)
     with pytest.raises(ValueError, match="feature rows"):
         with_feature_rows(train, [0, 1])
+
+
+def test_a_student_is_not_cut_from_a_pruned_teacher(tiny_model):
+    """Its per-layer records of the kept heads would not follow the layers the student keeps."""
+    from compression.prune import prune_heads_
+
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[1, 2] = False
+    prune_heads_(tiny_model, keep)
+    with pytest.raises(ValueError, match="unpruned teacher; this one has kept_heads"):
+        make_student(tiny_model, 2)
+
+
+def test_distill_refuses_logits_of_another_class_count(tiny_model, tiny_tokenizer):
+    rows = make_sentences(8, seed=2)
+    ds = tokenize(datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}),
+                  tiny_tokenizer, max_length=32)
+    with pytest.raises(ValueError, match="3 classes; the student has 2"):
+        distill(None, tiny_model, tiny_tokenizer, with_teacher_logits(ds, torch.randn(8, 3)), DistillConfig(),
+                TrainConfig(epochs=1))
+
+
+def test_teacher_outputs_hand_the_teacher_back_in_its_mode(tiny_model, tiny_tokenizer):
+    rows = make_sentences(8, seed=2)
+    ds = tokenize(datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}),
+                  tiny_tokenizer, max_length=32)
+    tiny_model.eval()
+    expected, _ = teacher_outputs(tiny_model, ds, tiny_tokenizer)
+    tiny_model.train()
+    logits, _ = teacher_outputs(tiny_model, ds, tiny_tokenizer)
+    assert tiny_model.training
+    assert torch.equal(logits, expected)  # computed in eval mode all the same

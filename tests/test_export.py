@@ -480,3 +480,8 @@ def test_predict_takes_text_that_was_not_utf8(saved_all):
     # a shell argument of Latin-1 bytes reaches Python with a surrogate escape, which tokenizers refuses
     ((label, probability),) = predict_texts(saved_all["cls"].int8_out, ["caf\udce9 good"])
     assert label in ("negative", "positive") and 0.5 <= probability <= 1.0
+
+
+def test_one_string_is_not_read_as_a_list_of_characters(saved_all):
+    with pytest.raises(ValueError, match="a list of texts, not one string"):
+        predict_texts(saved_all["mean"].int8_out, "a good movie")

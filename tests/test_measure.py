@@ -519,3 +519,28 @@ def test_model_device():
     assert model_device(FakeClassifier()) == torch.device("cpu")
     assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")  # the parameters' device
+
+
+def test_one_string_is_not_read_as_a_list_of_characters(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="a list of sentences, not one string"):
+        predict_single(tiny_model, "a good movie", tiny_tokenizer)
+
+
+@pytest.mark.parametrize(("predictions", "references"), [([], []), ([1, 0], [1])])
+def test_accuracy_refuses_empty_or_unequal_lengths(predictions, references):
+    with pytest.raises(ValueError, match="as many predictions as references"):
+        accuracy(np.array(predictions), references)
+
+
+def test_predictions_are_made_in_eval_mode_and_the_mode_is_kept(tiny_model, tiny_tokenizer, validation, sentences):
+    """A model handed over in train mode (dropout on) is measured as the deterministic function it serves as."""
+    tiny_model.config.hidden_dropout_prob = 0.5
+    for module in tiny_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    tiny_model.eval()
+    batched, single = predict(tiny_model, validation, tiny_tokenizer), predict_single(tiny_model, sentences, tiny_tokenizer)
+    tiny_model.train()
+    assert np.array_equal(predict(tiny_model, validation, tiny_tokenizer), batched)
+    assert np.array_equal(predict_single(tiny_model, sentences, tiny_tokenizer), single)
+    assert tiny_model.training

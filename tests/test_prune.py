@@ -124,7 +124,7 @@ def test_keeping_a_removed_head_is_refused(tiny_model):
     [
         (torch.ones(LAYERS, HEADS + 1, dtype=torch.bool), r"shape \(4, 5\), expected \(4, 4\)"),
         (torch.ones(LAYERS - 1, HEADS, dtype=torch.bool), r"shape \(3, 4\), expected \(4, 4\)"),
-        (torch.ones(LAYERS, HEADS), "must be bool"),
+        (torch.ones(LAYERS, HEADS), "must be a bool tensor, got torch.float32"),
         (torch.tensor([[True] * HEADS, [False] * HEADS, [True] * HEADS, [True] * HEADS]), "every head of layer 1"),
     ],
 )
@@ -284,3 +284,26 @@ def test_head_importance_refuses_a_pruned_model(tiny_model, tiny_batch):
     prune_heads_(tiny_model, keep)
     with pytest.raises(ValueError, match="unpruned"):
         head_importance(tiny_model, [tiny_batch])
+
+
+def test_plausible_mistakes_are_one_value_error_each(tiny_model, tiny_tokenizer, tiny_batch):
+    rows = make_sentences(8, seed=3)
+    ds = tokenize(datasets.Dataset.from_dict({"sentence": [s for s, _ in rows], "label": [y for _, y in rows]}),
+                  tiny_tokenizer, max_length=32)
+    with pytest.raises(ValueError, match="with_labels=True"):
+        head_importance(tiny_model, batches(ds, tiny_tokenizer, 4))
+    with pytest.raises(ValueError, match="bool tensor, got list"):
+        prune_heads_(tiny_model, torch.ones(LAYERS, HEADS, dtype=torch.bool).tolist())
+    tiny_model.quantization = ("bnb8", None)  # as compression.quantize marks what it made
+    with pytest.raises(ValueError, match="unquantized"):
+        prune_heads_(tiny_model, torch.ones(LAYERS, HEADS, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unquantized"):
+        head_importance(tiny_model, [{**tiny_batch, "labels": torch.tensor([1, 0, 1, 0])}])
+
+
+@pytest.mark.parametrize("remove", [1.5, -0.5, -1, True, 1.0 + 1e-9])
+def test_keep_mask_from_scores_refuses_what_prune_config_refuses(remove):
+    with pytest.raises(ValueError, match="remove must be"):
+        PruneConfig(remove=remove)
+    with pytest.raises(ValueError, match="remove must be"):
+        keep_mask_from_scores(torch.rand(LAYERS, HEADS), remove)

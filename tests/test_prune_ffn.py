@@ -190,7 +190,7 @@ def test_keeping_a_removed_neuron_is_refused(tiny_model):
     [
         (torch.ones(LAYERS, NEURONS + 1, dtype=torch.bool), r"shape \(4, 38\), expected \(4, 37\)"),
         (torch.ones(LAYERS - 1, NEURONS, dtype=torch.bool), r"shape \(3, 37\), expected \(4, 37\)"),
-        (torch.ones(LAYERS, NEURONS), "must be bool"),
+        (torch.ones(LAYERS, NEURONS), "must be a bool tensor, got torch.float32"),
         (torch.ones(LAYERS, NEURONS, dtype=torch.bool).index_fill(0, torch.tensor([2]), False),
          "removes every neuron of layer 2; a layer must keep at least one"),
     ],

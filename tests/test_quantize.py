@@ -13,7 +13,7 @@ from compression.artifacts import load_model, save_quantized
 from compression.models import linear_layers
 from compression.prune import prune_heads_
 from compression.quant_onnx import OnnxClassifier
-from compression.quantize import Bnb8Config, Int8Config, backend_name, quantize, quantize_bnb8_
+from compression.quantize import Bnb8Config, Int8Config, Wo8Config, backend_name, quantize, quantize_bnb8_
 from conftest import informative_
 
 # Floors for the tiny random model's logits against fp32. Int8 of weights alone sits near 40 dB; the dynamic
@@ -197,3 +197,24 @@ def test_per_row_embedding_lookup_returns_the_dequantized_rows(tiny_model):
 def test_embedding_mode_is_validated():
     with pytest.raises(ValueError, match="embeddings must be one of per-row, per-tensor, fp32, got 'int4'"):
         Int8Config(embeddings="int4")
+
+
+def test_a_quantized_model_is_not_quantized_again(tiny_model, tiny_batch):
+    """Linear8bitLt is an nn.Linear: a second bnb8 pass would requantize its int8 codes as if they were weights."""
+    bnb8 = quantize(tiny_model, Bnb8Config())
+    with torch.no_grad():
+        before = bnb8(**tiny_batch).logits
+    for config in (Bnb8Config(), Int8Config(threads=1), Wo8Config()):
+        with pytest.raises(ValueError, match="bnb8-quantized already"):
+            quantize(bnb8, config)
+    with torch.no_grad():
+        assert torch.equal(bnb8(**tiny_batch).logits, before)
+
+
+def test_int8_keeps_its_own_config(tiny_model):
+    """The ONNX model must go on saying what it is when its fp32 source is cut afterwards."""
+    int8 = quantize(tiny_model, Int8Config(threads=1))
+    keep = torch.ones(4, 4, dtype=torch.bool)
+    keep[0, 0] = False
+    prune_heads_(tiny_model, keep)
+    assert getattr(int8.config, "kept_heads", None) is None

@@ -216,3 +216,18 @@ def test_a_model_trained_in_bf16_computes_in_fp32_afterwards_and_nothing_is_prin
     printed = capsys.readouterr()
     assert "loss" not in printed.out
     assert "100%" in printed.err  # the bar
+
+
+def test_a_model_whose_training_fails_is_handed_back_unwrapped_and_in_eval_mode(
+        tiny_model_session, tiny_tokenizer, tokenized_train, tiny_batch, monkeypatch):
+    """A failure mid-training (here labels the 2-label head cannot take) must not leave the bf16 autocast wrapper."""
+    monkeypatch.setattr(train_module, "bf16_supported", lambda use_cpu: True)
+    model = copy.deepcopy(tiny_model_session)
+    bad = tokenized_train.map(lambda row: {"labels": 7})
+    with pytest.raises(Exception):
+        finetune(model, tiny_tokenizer, bad, TrainConfig(epochs=1, batch_size=16), use_cpu=True)
+    assert not model.training
+    plain = copy.deepcopy(tiny_model_session)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(**tiny_batch).logits, plain(**tiny_batch).logits)
