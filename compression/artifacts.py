@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from compression.low_rank import RANK_KEY, LowRankConfig, low_rank_shape_
-from compression.models import check_model_folder, classifier_class, readable_model
+from compression.models import check_float_model, check_model_folder, classifier_class, readable_model
 from compression.prune import KEPT_HEADS_KEY, keep_mask_from_kept, prune_heads_
 from compression.prune_ffn import KEPT_NEURONS_KEY, intermediate_size, neuron_mask_from_kept, prune_ffn_
 from compression.quant_bnb8 import Bnb8Config, bnb8_from_state, bnb8_state
@@ -45,9 +45,8 @@ def size_mb(folder: str | os.PathLike) -> float:
 
 def save_classifier(model: PreTrainedModel, tokenizer, folder: str | os.PathLike) -> None:
     """Config, safetensors weights and tokenizer into `folder` (which the caller owns)."""
-    kind = getattr(model, "quantization", (None,))[0]
-    if kind is not None:  # a bnb8 model's int8 codes would be saved as if they were its weights
-        raise ValueError(f"save_classifier saves fp32 models; this one is {kind}-quantized: use save_quantized")
+    # a bnb8 model's int8 codes would be saved as if they were its weights
+    check_float_model(model, "save_classifier (save_quantized writes quantized models)")
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
