@@ -127,6 +127,9 @@ def _check_out(folder: Path, out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out}: is a symbolic link; give the folder it points to")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
+    above = next(p for p in out.absolute().parents if os.path.lexists(p))
+    if not above.is_dir():  # mkdir would say only "File exists"
+        raise ValueError(f"{out}: {above} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty (--overwrite replaces it)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 
@@ -10,6 +11,7 @@ import datasets
 import numpy as np
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
 from compression import tempdirs
@@ -130,13 +132,26 @@ def training_arguments(config: TrainConfig, output_dir: str, use_cpu: bool | Non
     )
 
 
+# Where stderr is a log file or a CI job's output, not a terminal, every redraw of the bar stays in it: once a
+# minute there, not tqdm's every 0.1 s (a line's worth of bytes per training step)
+LOG_FILE_BAR_INTERVAL_S = 60.0
+
+
 class LoggedProgress(ProgressCallback):
-    """transformers' progress bar (on stderr), its loss reports sent to `logging`: the stock one writes them to
-    stdout, where `compress run` prints its table."""
+    """transformers' progress bar (on stderr; redrawn once a minute where stderr is not a terminal), its loss
+    reports sent to `logging`: the stock one writes them to stdout, where `compress run` prints its table."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        bar = self.training_bar
+        if bar is not None and not getattr(bar.fp, "isatty", lambda: False)():
+            bar.mininterval = bar.maxinterval = LOG_FILE_BAR_INTERVAL_S  # maxinterval: tqdm's monitor's forced redraws
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            log.info("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
+        if state.is_world_process_zero and logs and log.isEnabledFor(logging.INFO):
+            # the bar is cleared while the line is written and redrawn under it, not run into it
+            with tqdm.external_write_mode(file=sys.stderr):
+                log.info("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
 
 
 def finetune(

@@ -229,6 +229,15 @@ def test_out_that_is_a_file_is_refused(saved_all, tmp_path):
     assert (tmp_path / "out").read_text() == "a file"
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_out_below_a_file_is_refused_naming_the_file(saved_all, tmp_path, depth):
+    (tmp_path / "notes").write_text("a file")
+    out = tmp_path.joinpath("notes", *["sub"] * depth)
+    with pytest.raises(ValueError, match=re.escape(f"{out}: {tmp_path / 'notes'} is a file, not a folder")):
+        export_variant(saved_all["cls"].int8, out)
+    assert (tmp_path / "notes").read_text() == "a file" and [p.name for p in tmp_path.iterdir()] == ["notes"]
+
+
 @pytest.mark.parametrize("where", ["same", "inside", "parent"])
 def test_out_overlapping_the_variant_is_refused_even_with_overwrite(saved_all, where):
     source = saved_all["cls"].int8

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 
 import datasets
 import pytest
@@ -216,6 +218,24 @@ def test_a_model_trained_in_bf16_computes_in_fp32_afterwards_and_nothing_is_prin
     printed = capsys.readouterr()
     assert "loss" not in printed.out
     assert "100%" in printed.err  # the bar
+
+
+class _SlowSteps(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(0.15)  # slower than tqdm's 0.1 s between redraws
+
+
+def test_the_bar_is_not_redrawn_every_step_into_a_log_file(
+        tiny_model_session, tiny_tokenizer, tokenized_train, capsys, caplog):
+    """stderr that is not a terminal (capsys's, a CI log, `2> run.log`) keeps every redraw: with tqdm's defaults it
+    got one per step. The loss reports, at -v, still reach logging."""
+    config = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=8, seed=5)
+    with caplog.at_level(logging.INFO, logger="compression.train"):
+        finetune(copy.deepcopy(tiny_model_session), tiny_tokenizer, tokenized_train, config, use_cpu=True,
+                 callbacks=[_SlowSteps()])
+    err = capsys.readouterr().err
+    assert "8/8" in err and err.count("/8 [") <= 4, err  # the first draw, a redraw under a log line, the last
+    assert any("train_loss" in r.getMessage() for r in caplog.records)
 
 
 def test_a_model_whose_training_fails_is_handed_back_unwrapped_and_in_eval_mode(
