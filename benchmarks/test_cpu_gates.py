@@ -35,8 +35,8 @@ def test_latency(benchmark, cpu_suite, baselines, name):
     median = timed_rounds(benchmark, variant.model, cpu_suite.examples(name), cpu_suite.run.profile.warmup)
     if name == "teacher":
         # Every gate is a ratio timed beside the teacher, so the teacher timed beside itself by the same method must
-        # read 1 within SELF_RATIO_BOUND (tighter than any gate's slack), or no ratio gate can be trusted. (Two timings minutes apart would
-        # not do: a shared machine's speed drifts by a quarter between minutes, 13.9-18.3 ms here, which fails the
+        # read 1 within SELF_RATIO_BOUND (tighter than any gate's slack), or no ratio gate can be trusted. (Two
+        # timings minutes apart would not do: a shared machine's speed drifts by a quarter between minutes, 13.9-18.3 ms here, which fails the
         # build and says nothing about the gates.)
         low, high = 1 / SELF_RATIO_BOUND, SELF_RATIO_BOUND
         ratios = self_paired_ratios(cpu_suite, low, high)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 import datasets
 import numpy as np
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from compression import tempdirs
