@@ -46,6 +46,12 @@ def test_dry_run_prints_each_fp32_variant_and_its_wo8_copies(monkeypatch, capsys
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| student")]
     assert [r[0].strip() for r in rows] == ["student", "student_wo8 (int8pack)", "student_wo8 (dequant)",
                                             "student_bnb8 (threshold 0)"]
-    for name, eager, graphed, speedup, graphs, flips, per_s in rows:
+    for name, eager, graphed, fused, compile_s, speedup, graphs, flips, per_s in rows:
         assert float(eager) > 0 and float(graphed) > 0 and graphs.strip() == "0"  # no CUDA: nothing captured
         assert flips.strip() == "0" and float(per_s) > 0
+        # --compile's default names the student: it and its dequant copy are timed "compiled", but without CUDA
+        # nothing compiles or is captured, and the row says so
+        if name.strip() in ("student", "student_wo8 (dequant)"):
+            assert fused.strip().endswith("(not compiled)") and float(compile_s) >= 0
+        else:
+            assert fused.strip() == "" and compile_s.strip() == ""

@@ -7,6 +7,9 @@ Graphs need static shapes, so each call's inputs are right-padded to the next of
 pool, and right-padding moves no real token's position, so the logits are the unpadded forward's (tested on the
 CPU for BERT and MPNet). Shapes beyond the captured ones, and models whose kernels cannot be captured
 (bitsandbytes' LLM.int8 with its outlier decomposition synchronises with the host: `capturable`), run eagerly.
+A graph replays every kernel the forward launched, ~15 per encoder layer eagerly; with `GraphConfig.compile` the
+forward is compiled first (`compiled`: inductor fuses the element-wise kernels around each matmul), so each
+replay runs fewer, larger kernels.
 
     graphed = GraphedClassifier(model, GraphConfig(lengths=(16, 32, 64, 128), batch_sizes=(1,)))
     graphed(input_ids=ids, attention_mask=mask).logits   # [B, C]; first call per shape captures
@@ -37,6 +40,7 @@ class GraphConfig:
     lengths: tuple[int, ...] = (16, 32, 64, 128)  # padded lengths; SST-2 validation sentences are 5-66 tokens
     batch_sizes: tuple[int, ...] = (1,)  # batch sizes captured; others run eagerly
     warmup: int = 3  # eager calls on a side stream before each capture (lazy cuBLAS/cuDNN set-up)
+    compile: bool = False  # capture the forward as `compiled` makes it (fused kernels; compiling takes seconds)
 
     def __post_init__(self):
         for name in ("lengths", "batch_sizes"):
@@ -45,6 +49,8 @@ class GraphConfig:
                 raise ValueError(f"{name} must be positive and strictly increasing, got {values}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (capture needs a warmed-up stream), got {self.warmup}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
 
 
 def bucket_length(n: int, lengths: tuple[int, ...]) -> int | None:
@@ -81,6 +87,13 @@ def capturable(model: nn.Module) -> bool:
     return True
 
 
+def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`model` under `torch.compile`: one graph (`fullgraph`: a break would split the forward and fail here rather
+    than run half-compiled), sizes symbolic so every padded length shares one compilation (a size of 1 is
+    specialised, so batch 1 and larger batches compile apart). Compiles on its first call."""
+    return torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+
+
 # batch 1 (the latency columns) and 32 (measure.throughput's batches)
 SERVING = GraphConfig(batch_sizes=(1, 32))
 
@@ -108,6 +121,8 @@ class GraphedClassifier(nn.Module):
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.eager_shapes: set[tuple] = set()  # shapes whose capture failed
         self.graphable = capturable(model)
+        # what is captured: the compiled forward while it compiles and captures, else the model's own
+        self.compiled = compiled(model) if config.compile and self.graphable else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> SequenceClassifierOutput:
@@ -135,24 +150,41 @@ class GraphedClassifier(nn.Module):
             graph.replay()
             return SequenceClassifierOutput(logits=static_logits.clone())  # the next replay overwrites it
 
-    @torch.inference_mode()
     def _capture(self, padded: dict[str, torch.Tensor]):
         """(graph, static inputs, static logits [B, C]) of one forward over `padded`'s shapes, or None when the
-        model's kernels cannot be captured."""
+        model's kernels cannot be captured. A compiled forward that fails to compile or capture is given up for
+        good (logged), and the model's own forward captured instead."""
+        if self.compiled is not None:
+            try:
+                return self._capture_forward(self.compiled, padded)
+            except Exception as err:  # noqa: BLE001 (a compiler fails in many ways: dynamo, inductor, Triton, CUDA)
+                self._recover(err, padded, "compiled forward: capturing the eager forward instead")
+                self.compiled = None
+        try:
+            return self._capture_forward(self.model, padded)
+        except RuntimeError as err:
+            self._recover(err, padded, "running eagerly")
+            return None
+
+    @staticmethod
+    def _recover(err: Exception, padded: dict[str, torch.Tensor], instead: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        shapes = {k: tuple(v.shape) for k, v in padded.items()}
+        log.warning("CUDA graph capture failed for shapes %s (%s): %s: %s", shapes, instead, type(err).__name__, err)
+
+    @torch.inference_mode()
+    def _capture_forward(self, forward: nn.Module, padded: dict[str, torch.Tensor]):
+        """Warm `forward` up on a side stream (where a compiled forward compiles), then capture one call of it
+        over copies of `padded`."""
         static_inputs = {k: v.clone() for k, v in padded.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
-                for _ in range(self.config.warmup):
-                    self.model(**static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_logits = self.model(**static_inputs).logits
-        except RuntimeError as err:
-            torch.cuda.synchronize()
-            log.warning("CUDA graph capture failed for shapes %s (running eagerly): %s",
-                        {k: tuple(v.shape) for k, v in padded.items()}, err)
-            return None
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
+            for _ in range(self.config.warmup):
+                forward(**static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = forward(**static_inputs).logits
         return graph, static_inputs, static_logits

@@ -45,7 +45,7 @@ from compression.prune import head_importance, keep_mask_from_scores, prune_head
 from compression.prune_ffn import ffn_importance, ffn_keep_mask, prune_ffn_
 from compression.prune_vocab import prune_to_corpus_
 from compression.quantize import quantize
-from compression.train import finetune, resolve_precision, training_indices, training_rows
+from compression.train import TrainConfig, finetune, resolve_precision, training_indices, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -297,10 +297,16 @@ def build_variants(
         rows = soft_rows(train_s, student_rows)
         return rows if augmented is None else concatenate_datasets([rows, augmented.cast(rows.features)])
 
+    # How the soft targets were computed (the teacher's precision and batch size, which moves its padding) changes
+    # them slightly. Every stage that learns from them chains from the student's key, so naming the recipe there
+    # keys them all; it is named only when not the defaults, so caches made before stay valid.
+    recipe = {"bf16": profile.teacher.bf16, "batch_size": profile.logits_batch_size}
+    default_recipe = {"bf16": TrainConfig.bf16, "batch_size": Profile.logits_batch_size}
     student_key = cache.cache_key(
         {"from": teacher_key, "stage": "student", "student": s_identity, "targets": STUDENT_TARGETS,
          "distill": profile.distill, "train": profile.student,
-         **({"augmented": augmented_key} if augmented is not None else {})}
+         **({"augmented": augmented_key} if augmented is not None else {}),
+         **({"logits_recipe": recipe} if recipe != default_recipe else {})}
     )
 
     def build_student(folder: Path):

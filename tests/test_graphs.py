@@ -16,7 +16,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForSequenceClassification
 
 from compression import graphs
-from compression.graphs import GraphConfig, GraphedClassifier, bucket_length, capturable, pad_inputs, serving
+from compression.graphs import (
+    GraphConfig,
+    GraphedClassifier,
+    bucket_length,
+    capturable,
+    compiled,
+    pad_inputs,
+    serving,
+)
 from compression.low_rank import LowRankConfig, factorize_embeddings_
 from compression.models import load_base, mean_pool_class
 from compression.prune import kept_heads, prune_heads_
@@ -48,7 +56,7 @@ def test_bucket_is_the_smallest_length_that_holds_the_tokens(n, lengths):
 
 @pytest.mark.parametrize("bad", [{"lengths": ()}, {"lengths": (32, 16)}, {"lengths": (16, 16)},
                                  {"lengths": (0, 16)}, {"batch_sizes": ()}, {"batch_sizes": (2, 1)},
-                                 {"warmup": 0}])
+                                 {"warmup": 0}, {"compile": "yes"}])
 def test_config_rejects_what_cannot_be_captured(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         GraphConfig(**bad)
@@ -203,3 +211,88 @@ def test_serving_on_a_gpu_wraps_capturable_models_only(monkeypatch, tiny_model):
     bnb = pytest.importorskip("bitsandbytes")
     tiny_model.classifier = bnb.nn.Linear8bitLt(32, 2, has_fp16_weights=False, threshold=6.0)
     assert serving(tiny_model, 7) is tiny_model
+
+
+# --- the compiled forward (GraphConfig.compile): traced here, compiled by inductor on the GPU ----------------
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs what dynamo traced as it is, and counts the graphs it was handed."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("config_name", ["tiny_config", "tiny_mpnet_config"])
+def test_every_served_form_compiles_whole_once_for_all_lengths(request, config_name):
+    """What `compress run` serves on a GPU (the smoke chain's BERT, the full profile's MPNet teacher; plain, and
+    head-, FFN-pruned, low-rank and wo8 at once) is traced by dynamo as one graph (fullgraph: a break would raise)
+    whose logits are the model's, and lengths 16 and 32 share it: one compilation serves every bucket at batch 1."""
+    config = copy.deepcopy(request.getfixturevalue(config_name))
+    torch.manual_seed(0)
+    plain = mean_pool_class(config.model_type)(config).eval()
+    layers, heads = len(kept_heads(plain)), config.num_attention_heads
+    keep = torch.ones(layers, heads, dtype=torch.bool)
+    keep[0, [0, 2]] = False
+    neurons = torch.ones(layers, intermediate_size(plain), dtype=torch.bool)
+    neurons[:, ::3] = False
+    slim = prune_ffn_(prune_heads_(copy.deepcopy(plain), keep), neurons)
+    factorize_embeddings_(slim, LowRankConfig(rank=8))
+    slim = quantize_wo8_(slim.eval(), Wo8Config(kernel="dequant"))
+    torch._dynamo.reset()
+    for form, model in {"plain": plain, "pruned, low-rank, wo8": slim}.items():
+        backend = _CountingBackend()
+        fast = compiled(model, backend=backend)
+        for length in (16, 32):
+            ids = torch.randint(5, config.vocab_size, (1, length))
+            mask = torch.ones_like(ids)
+            mask[0, length - 5:] = 0  # right padding, as the buckets add it
+            with torch.inference_mode():
+                torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits,
+                                           model(input_ids=ids, attention_mask=mask).logits)
+        assert backend.graphs == 1, f"{config.model_type} {form}: {backend.graphs} compilations for two lengths"
+
+
+def test_a_compiled_capture_that_fails_falls_back_to_the_eager_forward_for_good(monkeypatch, caplog, tiny_model):
+    """A compiler failure (no Triton, an unsupported op) costs the compiled forward, not the graph: the model's
+    own forward is captured, and later shapes do not try the compiler again."""
+    graphed = GraphedClassifier(tiny_model, GraphConfig(compile=True))
+    assert graphed.compiled is not None
+    tried = []
+
+    def capture(forward, padded):
+        tried.append("compiled" if forward is graphed.compiled else "eager")
+        if forward is graphed.compiled:
+            raise RuntimeError("backend='inductor' raised:\nRuntimeError: Cannot find a working triton installation")
+        return "graph"
+
+    monkeypatch.setattr(graphed, "_capture_forward", capture)
+    padded = {"input_ids": torch.ones(1, 16, dtype=torch.long)}
+    with caplog.at_level("WARNING", logger="compression.graphs"):
+        assert graphed._capture(padded) == "graph"
+        assert graphed._capture(padded) == "graph"
+    assert tried == ["compiled", "eager", "eager"] and graphed.compiled is None
+    assert "capturing the eager forward instead" in caplog.text and "working triton installation" in caplog.text
+
+
+def test_a_capture_that_fails_without_the_compiler_runs_eagerly(monkeypatch, tiny_model):
+    graphed = GraphedClassifier(tiny_model, GraphConfig())
+    assert graphed.compiled is None
+
+    def capture(forward, padded):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "_capture_forward", capture)
+    assert graphed._capture({"input_ids": torch.ones(1, 16, dtype=torch.long)}) is None
+
+
+def test_llm_int8_with_outliers_is_not_compiled_either(tiny_model):
+    pytest.importorskip("bitsandbytes")
+    from compression.quant_bnb8 import Bnb8Config, quantize_bnb8_
+
+    with_outliers = quantize_bnb8_(copy.deepcopy(tiny_model), Bnb8Config(threshold=6.0))
+    assert GraphedClassifier(with_outliers, GraphConfig(compile=True)).compiled is None

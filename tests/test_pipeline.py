@@ -19,6 +19,7 @@ from compression.pipeline import build_variants, quantized_forms
 from compression.profiles import PROFILES, Profile, get_profile
 from compression.rows import measure_variants
 from compression.schema import MODELS
+from compression.train import bf16_supported
 from conftest import NAMES, make_sentences, tiny_profile, write_tsv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -175,6 +176,17 @@ def test_slim_student_has_its_own_cache_key(job):
     moved = {a.name for a, b in zip(first.variants, changed.variants) if a.folder != b.folder}
     assert moved == {"slim_student", "slim_student_int8", "slim_student_bnb8"}
     assert sum(map(len, changed.variants[NAMES.index("slim_student")].model.config.kept_neurons)) == 74 - 22
+
+
+def test_the_logits_batch_size_keys_every_model_that_learns_from_the_logits(job, tmp_path):
+    """The teacher's logits computed at another batch size (other padding) are other soft targets: the student
+    and every stage after it are keyed apart; the teacher and its 8-bit copies are not. (Built in a cache of its
+    own, so the job's holds one set of logits per teacher; folders compared by name, i.e. by key.)"""
+    args, first = job
+    profile, base, data, _ = args
+    changed = build_variants(dataclasses.replace(profile, logits_batch_size=5), base, data, tmp_path / "cache")
+    kept = {a.name for a, b in zip(first.variants, changed.variants) if a.folder.name == b.folder.name}
+    assert kept == {"teacher", "teacher_int8", "teacher_bnb8"}
 
 
 def test_teacher_logits_are_computed_once_for_student_and_recovery(job):
@@ -461,6 +473,24 @@ def test_given_teacher_cache_follows_the_data_and_the_pooling(tmp_path, tiny_mod
     for other in (runs["b", "mean"], runs["a", "cls"]):
         assert not {v.folder for v in first.values()} & {v.folder for v in other.values()}
     assert not type(runs["a", "cls"]["student"].model).__name__.startswith("MeanPool")
+
+
+@pytest.mark.skipif(not bf16_supported(use_cpu=True), reason="bf16 resolves to fp32 on this CPU: one recipe")
+def test_a_given_teachers_logits_precision_keys_its_students(tmp_path, tiny_model, tiny_tokenizer):
+    """A given teacher's key holds no training config, so the precision its logits were computed in (bf16 or
+    fp32) must key what learns from them: the students rebuild, the teacher folder is the same."""
+    write_tsv(tmp_path / "sst2" / "train.tsv", make_sentences(96, seed=1))
+    dev = make_sentences(32, seed=2)
+    write_tsv(tmp_path / "sst2" / "dev.tsv", dev)
+    given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, int(sum(y for _, y in dev) * 2 >= 32))
+    runs = []
+    for bf16 in (False, True):
+        profile = tiny_profile()
+        profile = dataclasses.replace(profile, teacher=dataclasses.replace(profile.teacher, bf16=bf16))
+        runs.append({v.name: v.folder for v in build_variants(profile, None, str(tmp_path / "sst2"),
+                                                                tmp_path / "cache", teacher_model=str(given)).variants})
+    assert {name for name in runs[0] if runs[0][name] == runs[1][name]} == {"teacher", "teacher_int8",
+                                                                            "teacher_bnb8"}
 
 
 def test_given_teacher_with_swapped_labels_is_refused(tmp_path, tiny_model, tiny_tokenizer):
