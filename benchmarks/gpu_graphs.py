@@ -11,8 +11,9 @@ eagerly, and the table says so. Each fp32 variant is also measured as `_wo8`, th
 outlier decomposition: the form of bnb8 a graph can hold), their flips counted against the fp32 model's eager
 predictions.
 The variants named by `--compile` (default: teacher and student, the ones issue 13 sets targets for), and their
-wo8 (dequant) copies, are also timed compiled and then graphed (`GraphConfig(compile=True)`, batch 1 only: each
-batch size is its own compilation); "compile s" is the first call's wall time, compilation and captures included.
+wo8 copies with the kernel a run serves there (`quant_wo8.auto_kernel`), are also timed compiled and then graphed
+(`GraphConfig(compile=True)`, batch 1 only: each batch size is its own compilation); "compile s" is the first
+call's wall time, compilation and captures included.
 Without CUDA it runs the same code on the CPU, where the wrapper is the eager model (a dry run: nothing compiles).
 """
 
@@ -30,7 +31,7 @@ from benchmarks.conftest import build_suite
 from compression.graphs import SERVING, GraphConfig, GraphedClassifier
 from compression.measure import latency, model_device, throughput, to_device
 from compression.quant_bnb8 import Bnb8Config, quantize_bnb8_
-from compression.quant_wo8 import Wo8Config, quantize_wo8_
+from compression.quant_wo8 import Wo8Config, auto_kernel, quantize_wo8_
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
                         "sentences, and batch-32 throughput over the first N batches of validation (a quick dry run "
                         "on the CPU); default: all of them")
     parser.add_argument("--compile", nargs="*", default=["teacher", "student"], metavar="VARIANT",
-                        help="fp32 variants also timed compiled + graphed, with their wo8 (dequant) copies (default: "
+                        help="fp32 variants also timed compiled + graphed, with their served wo8 copies (default: "
                         "teacher student; none without names): each costs a compilation")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -68,6 +69,7 @@ def main() -> None:
             models.append((f"{v.name}_bnb8 (threshold 0)",
                            quantize_bnb8_(copy.deepcopy(v.model), Bnb8Config(threshold=0.0))))
         dev = model_device(v.model)
+        served_kernel = auto_kernel(dev.type, torch.float32)  # the wo8 kernel `compress run` serves here
         with torch.inference_mode():
             reference = np.array([int(v.model(**to_device(e, dev)).logits.argmax()) for e in examples])
         for name, model in models:
@@ -79,7 +81,7 @@ def main() -> None:
             graphed = GraphedClassifier(model, SERVING, pad_token_id=pad)
             graphed_ms = latency(graphed, examples, warmup, repeats=args.repeats).median
             best, best_ms, fused, compile_s = graphed, graphed_ms, "", ""
-            if v.name in args.compile and (name == v.name or name.endswith("(dequant)")):
+            if v.name in args.compile and (name == v.name or name.endswith(f"({served_kernel})")):
                 best = GraphedClassifier(model, GraphConfig(batch_sizes=(1,), compile=True), pad_token_id=pad)
                 start = time.perf_counter()
                 latency(best, examples, warmup=0, warmup_seconds=0)  # compiles, and captures every bucket used

@@ -12,12 +12,13 @@ Every result is called as ``model(**batch).logits`` and records ``model.quantiza
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from compression.quant_bnb8 import Bnb8Config, quantize_bnb8_
 from compression.quant_onnx import Int8Config, quantize_int8
-from compression.quant_wo8 import Wo8Config, quantize_wo8_
+from compression.quant_wo8 import Int8WeightOnlyLinear, Wo8Config, auto_kernel, quantize_wo8_
 
 __all__ = ["Bnb8Config", "Int8Config", "Wo8Config", "backend_name", "quantize", "quantize_bnb8_", "quantize_int8",
            "quantize_wo8_"]
@@ -40,6 +41,8 @@ def backend_name(model: nn.Module) -> str:
     if kind == "int8":
         return "onnxruntime-int8"
     device = next(iter(model.parameters())).device.type
-    if kind == "wo8":
-        return f"int8-weight-only ({device})"
+    if kind == "wo8":  # with the kernel it runs on this device ("auto" resolved), as the two differ in speed
+        kernels = {auto_kernel(device, torch.float32) if m.kernel == "auto" else m.kernel
+                   for m in model.modules() if isinstance(m, Int8WeightOnlyLinear)}
+        return f"int8-weight-only {'+'.join(sorted(kernels))} ({device})"
     return f"bnb-llm.int8 ({device})" if kind == "bnb8" else f"pytorch-fp32 ({device})"

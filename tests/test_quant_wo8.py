@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from safetensors.torch import load_file, save_file
 
+from compression import quantize as quantize_module
 from compression.artifacts import load_model, save_classifier, save_quantized
 from compression.int8 import dequantize_rows, quantize_rows, snr_db, step
 from compression.models import count_parameters
@@ -113,6 +114,15 @@ def test_weights_take_a_quarter_of_their_fp32_bytes(tiny_model):
             assert m.codes.nbytes * 4 == before[name]
 
 
+def test_the_backend_names_the_kernel_auto_runs_on_the_device(tiny_model, monkeypatch):
+    """The results table tells the two kernels apart (they differ in speed): "auto" is named by what it resolves
+    to on the model's device, a cast and a matmul on a CPU."""
+    model = quantize_wo8_(tiny_model)  # kernel "auto"
+    assert backend_name(model) == "int8-weight-only dequant (cpu)"
+    monkeypatch.setattr(quantize_module, "auto_kernel", lambda device, dtype: "int8pack")  # as on a GPU with one
+    assert backend_name(model) == "int8-weight-only int8pack (cpu)"
+
+
 def test_kernel_is_validated():
     with pytest.raises(ValueError, match="kernel"):
         Wo8Config(kernel="fast")
@@ -133,7 +143,7 @@ def test_save_and_load_round_trip_a_head_pruned_model(tiny_model, tiny_tokenizer
     loaded, tokenizer = load_model(tmp_path / "wo8")
     assert loaded.quantization == ("wo8", Wo8Config(kernel=kernel, skip=("classifier", "bert.pooler")))
     assert isinstance(loaded.bert.pooler.dense, torch.nn.Linear) and loaded.config.kept_heads == model.config.kept_heads
-    assert len(tokenizer) == len(tiny_tokenizer) and backend_name(loaded) == "int8-weight-only (cpu)"
+    assert len(tokenizer) == len(tiny_tokenizer) and backend_name(loaded) == f"int8-weight-only {kernel} (cpu)"
     with torch.inference_mode():
         torch.testing.assert_close(loaded(**tiny_batch).logits, model(**tiny_batch).logits, rtol=0, atol=0)
     fp32, wo8 = (load_file(tmp_path / d / "model.safetensors") for d in ("fp32", "wo8"))
