@@ -202,6 +202,21 @@ def gated_latency(suite: Suite, name: str, model, baselines, attempts: int = ATT
     return out
 
 
+def gpu_latency_findings(suite: Suite, baselines, name: str, median: float, teacher_median: float,
+                         device_name: str) -> list:
+    """The gate's latency findings for variant `name` timed at `median` ms on GPU `device_name`, beside the teacher
+    at `teacher_median`: against the card's absolute budget, else the profile's ratio-to-teacher fallback (empty
+    where neither exists)."""
+    from compression import gate
+
+    # the teacher's own row is its own timing: a results document names each variant once (the schema's rule)
+    rows = [suite.row(name, median)]
+    if name != "teacher":
+        rows.insert(0, suite.row("teacher", teacher_median))
+    results = suite.results(rows, gpu=device_name)
+    return [f for f in gate.check(results, baselines, only={name}) if f.metric.startswith("latency")]
+
+
 def self_paired_ratios(suite: Suite, low: float, high: float, attempts: int = ATTEMPTS) -> list[float]:
     """The teacher timed beside itself as the gate times a variant beside it (an A/A test): each attempt's ratio.
 

@@ -1,4 +1,6 @@
-"""The gate itself: an injected accuracy regression fails (the injected slowdown is in test_cpu_gates.py).
+"""The gate itself: an injected accuracy regression fails (the injected slowdown is in test_cpu_gates.py), and the
+GPU benchmarks' results documents are judged against a card's budgets (checked here, where CI runs, on the CPU
+suite's rows: a bug there otherwise shows only on a lent GPU).
 
 This runs on the real variants of the active profile, so it shows that the accuracy budgets in baselines.json
 are tight enough for the regressions a CI gate exists to stop; test_cpu_gates.py shows they pass unchanged.
@@ -10,6 +12,9 @@ import copy
 
 import torch
 
+import pytest
+
+from benchmarks.conftest import gpu_latency_findings
 from compression import gate
 from compression.measure import predict
 
@@ -40,3 +45,20 @@ def test_injected_accuracy_regression_is_caught(cpu_suite, baselines):
     failed = [f for f in findings if not f.ok]
     assert any(f.metric == "flips" for f in failed), findings
     assert all(f.variant == PERTURBED for f in failed)
+
+
+CARD = "NVIDIA H200"  # a card baselines.json holds absolute smoke budgets for
+
+
+@pytest.mark.parametrize("name", ["teacher", "student", "student_bnb8", "slim_student"])
+def test_gpu_latency_findings_judge_each_row_against_the_cards_budget(cpu_suite, baselines, name):
+    """What benchmarks/test_gpu.py asks of the gate on a GPU, with the CPU suite's rows standing in: half the
+    card's budget passes, twice it fails, and the teacher's own document (it names the teacher once) validates."""
+    budgets = baselines.gpu.get(cpu_suite.run.profile.name)
+    if budgets is None or name not in budgets.latency_ms.get(CARD, {}):
+        pytest.skip(f"no {CARD} budget for {name} in profile {cpu_suite.run.profile.name!r}")
+    budget = budgets.latency_ms[CARD][name]
+    teacher_ms = budgets.latency_ms[CARD]["teacher"] / 2
+    for median, ok in ((budget / 2, True), (budget * 2, False)):
+        findings = gpu_latency_findings(cpu_suite, baselines, name, median, teacher_ms, CARD)
+        assert [f.metric for f in findings] == [f"latency_ms[{CARD}]"] and findings[0].ok is ok, findings

@@ -17,8 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import assert_findings, build_suite, timed_rounds
-from compression import gate
+from benchmarks.conftest import assert_findings, build_suite, gpu_latency_findings, timed_rounds
 from compression.graphs import GraphedClassifier, serving
 from compression.measure import latency
 from compression.schema import GPU_VARIANTS as WO8_VARIANTS
@@ -61,12 +60,7 @@ def test_gpu_latency(benchmark, gpu_suite, baselines, gpu_teacher_median, name):
     benchmark.extra_info.update({k: row[k] for k in ("val_accuracy", "flips", "parameters", "size_mb", "backend")})
     median = timed_rounds(benchmark, served(gpu_suite, name), gpu_suite.examples(name), gpu_suite.run.profile.warmup)
     benchmark.extra_info["latency_ratio_to_teacher"] = round(median / gpu_teacher_median, 3)
-    # the teacher's own row is this timing (results name each variant once: the schema refuses a second row)
-    rows = [gpu_suite.row(name, median)]
-    if name != "teacher":
-        rows.insert(0, gpu_suite.row("teacher", gpu_teacher_median))
-    results = gpu_suite.results(rows, gpu=device_name)
-    findings = [f for f in gate.check(results, baselines, only={name}) if f.metric.startswith("latency")]
+    findings = gpu_latency_findings(gpu_suite, baselines, name, median, gpu_teacher_median, device_name)
     if name == "teacher" and not findings:  # the fallback ratios' denominator: timed twice, the two must agree
         assert 0.8 < median / gpu_teacher_median < 1.25, "teacher timed twice disagrees"
         return
