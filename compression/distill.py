@@ -32,7 +32,13 @@ from transformers import PreTrainedModel, Trainer
 from compression.cache import OMIT_DEFAULT
 from compression.data import batches
 from compression.measure import model_device
-from compression.models import encoder_layers, evaluating, masked_mean
+from compression.models import (
+    encoder_layers,
+    evaluating,
+    masked_mean,
+    restore_modes,
+    training_modes,
+)
 from compression.train import TrainConfig, finetune
 
 LOGITS_COLUMN = "teacher_logits"
@@ -304,7 +310,7 @@ def distill(
         student.add_module(PROJECTION, torch.nn.Linear(student.config.hidden_size, features.shape[1]))
     # the Trainer moves a live teacher to its device, in eval mode and frozen: the caller gets it back as it was
     teacher_state = None if teacher is None else (
-        teacher.training, model_device(teacher), [p.requires_grad for p in teacher.parameters()])
+        training_modes(teacher), model_device(teacher), [p.requires_grad for p in teacher.parameters()])
     try:
         return finetune(
             student,
@@ -323,7 +329,8 @@ def distill(
         if hasattr(student, PROJECTION):
             delattr(student, PROJECTION)
         if teacher_state is not None:
-            training, device, grads = teacher_state
-            teacher.to(device).train(training)
+            modes, device, grads = teacher_state
+            restore_modes(modes)
+            teacher.to(device)
             for p, grad in zip(teacher.parameters(), grads):
                 p.requires_grad_(grad)

@@ -123,6 +123,7 @@ class GraphedClassifier(nn.Module):
         self.graphable = capturable(model)
         # what is captured: the compiled forward while it compiles and captures, else the model's own
         self.compiled = compiled(model) if config.compile and self.graphable else None
+        self.training = model.training  # the wrapper alone in the model's mode (nn.Modules are made training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> SequenceClassifierOutput:

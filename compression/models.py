@@ -271,16 +271,32 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def training_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule's own train/eval flag, for `restore_modes`.
+
+    `model.train(flag)` sets every submodule to one flag: handing a model back with `model.train(was_training)`
+    would leave a wrapper's eval-mode inner model (a benchmark's slowed copy, `graphs.GraphedClassifier`, both
+    made in train mode) training, its dropout on in every later forward.
+    """
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Each module back in the mode `training_modes` saw it in."""
+    for module, training in modes:
+        module.training = training
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """`model` in eval mode inside the block (no dropout: what is measured is the deterministic function), then
-    back in the mode it came in."""
-    training = model.training
+    every submodule back in the mode it came in."""
+    modes = training_modes(model)
     model.eval()
     try:
         yield model
     finally:
-        model.train(training)
+        restore_modes(modes)
 
 
 def check_float_model(model: nn.Module, purpose: str) -> None:

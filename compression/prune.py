@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compression.models import EncoderLayout, check_float_model, encoder_layers
+from compression.models import (
+    EncoderLayout,
+    check_float_model,
+    encoder_layers,
+    restore_modes,
+    training_modes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +274,7 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     """
     device = next(model.parameters()).device
     scores: torch.Tensor | None = None
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()  # no dropout: the score is of the deterministic function
 
     def make_gate(layer_index, b, width):
@@ -288,7 +294,7 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
             for layer_index, g in enumerate(grads):
                 scores[layer_index] += g.abs().sum(0).double().cpu()
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     if scores is None:
         raise ValueError(f"{caller} got no batches")
     return normalize_per_layer(scores).float()

@@ -21,7 +21,12 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from compression.int8 import quantize_rows
-from compression.models import check_float_model, linear_layers
+from compression.models import (
+    check_float_model,
+    linear_layers,
+    restore_modes,
+    training_modes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +91,12 @@ def export_onnx(model: PreTrainedModel, path: Path, opset: int = 17) -> None:
     """Export an fp32 classifier to ONNX with dynamic batch and sequence axes (traced in eval mode on the CPU;
     the model is handed back in the mode and on the device it came in)."""
     linear_layers(model)
-    training, device = model.training, next(model.parameters()).device
+    modes, device = training_modes(model), next(model.parameters()).device
     try:
         _export(model.eval().cpu(), path, opset)
     finally:
-        model.to(device).train(training)
+        restore_modes(modes)
+        model.to(device)
 
 
 def _export(model: PreTrainedModel, path: Path, opset: int) -> None:

@@ -105,6 +105,16 @@ def test_on_the_cpu_the_wrapper_is_the_model(tiny_mean_model_session, tiny_batch
     assert graphed.names == ("input_ids", "attention_mask", "token_type_ids")
 
 
+def test_the_wrapper_takes_the_models_mode_and_timing_it_leaves_the_model_in_eval(tiny_mean_model_session):
+    from compression.measure import latency
+
+    model = copy.deepcopy(tiny_mean_model_session).eval()
+    graphed = GraphedClassifier(model)
+    assert not graphed.training
+    latency(graphed, [{"input_ids": torch.tensor([[2, 7, 8, 3]])}], warmup=1, warmup_seconds=0)
+    assert not any(m.training for m in model.modules())
+
+
 def test_a_missing_mask_is_made_so_padding_stays_invisible(tiny_mean_model_session):
     graphed = GraphedClassifier(tiny_mean_model_session)
     ids = torch.tensor([[2, 7, 8, 3]])
