@@ -115,7 +115,7 @@ def test_budgets_from_slack():
         "max_size_mb": 11.53,
         "max_latency_ratio": 0.26,  # 2.0 / 10.0 ms, times 1.30 (an int8 row)
     }
-    assert b["student"].max_latency_ratio == 0.65  # 5.0 / 10.0 ms, times 1.30 (an fp32 row)
+    assert b["student"].max_latency_ratio == 0.575  # 5.0 / 10.0 ms, times 1.15 (an fp32 row)
 
 
 def test_budgets_from_stay_inside_the_schema_ranges():
@@ -461,7 +461,7 @@ def test_accepting_several_runs_takes_the_worst_figure_and_the_median_ratio():
     assert budgets.max_flips == 61 + 4
 
 
-@pytest.mark.parametrize("name, slowdown", [("student", 0.4), ("student_int8", 0.4)])
+@pytest.mark.parametrize("name, slowdown", [("student", 0.2), ("student_int8", 0.4)])
 def test_one_slow_accepted_run_does_not_lift_the_budget_past_the_slowdown_it_must_catch(name, slowdown):
     # five runs 15% apart (CI's case); the usual ratio slowed by what CI injects must break the accepted budget
     medians = [0.959, 0.989, 1.101, 1.096, 1.003]  # ms against the teacher's 10 ms
@@ -475,7 +475,7 @@ def test_latency_slack_by_backend():
     assert latency_slack("student") == latency_slack("slim_student") == LATENCY_SLACK
     assert latency_slack("teacher_int8") == latency_slack("pruned_student_int8") == INT8_LATENCY_SLACK
     assert latency_slack("student_bnb8") == BNB8_LATENCY_SLACK
-    assert LATENCY_SLACK <= INT8_LATENCY_SLACK < BNB8_LATENCY_SLACK  # the noisiest row (bnb8) gets the loosest gate
+    assert LATENCY_SLACK < INT8_LATENCY_SLACK < BNB8_LATENCY_SLACK  # the steadiest ratio (fp32) the tightest gate
 
 
 def test_accepting_runs_in_any_order_gives_the_same_budgets():
