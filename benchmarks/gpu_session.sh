@@ -11,7 +11,7 @@
 # - accept: `compress baselines --accept` of that run into $OUT's copy of baselines.json: this card's budgets.
 # - pytest: `pytest -m gpu --benchmark-autosave` against that copy (the models come from the run's cache, or are
 #   trained here when the run step was left out: ~60 s).
-# - graphs: `benchmarks.gpu_graphs`: each variant eager, graphed, and (teacher, student and their wo8 dequant
+# - graphs: `benchmarks.gpu_graphs`: each variant eager, graphed, and (teacher, student and their served wo8
 #   copies) compiled + graphed; each fp32 model's wo8 copy per kernel: the "before and after" of each technique.
 # - train: `benchmarks.train_speed`, the teacher's training step at batch 32, 128 and 256; last, as the call's
 #   limit may cut it short, after everything else is safe in $OUT.

@@ -25,13 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compression.models import (
-    EncoderLayout,
-    check_float_model,
-    encoder_layers,
-    restore_modes,
-    training_modes,
-)
+from compression.models import EncoderLayout, check_float_model, encoder_layers, evaluating
 
 log = logging.getLogger(__name__)
 
@@ -274,13 +268,11 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     """
     device = next(model.parameters()).device
     scores: torch.Tensor | None = None
-    modes = training_modes(model)
-    model.eval()  # no dropout: the score is of the deterministic function
 
     def make_gate(layer_index, b, width):
         return torch.ones(b, width, device=device, requires_grad=True)
 
-    try:
+    with evaluating(model):  # no dropout: the score is of the deterministic function
         for batch in batches:
             if "labels" not in batch:
                 raise ValueError(f"{caller} needs batches with labels (data.batches(..., with_labels=True)): the "
@@ -293,8 +285,6 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                 scores = torch.zeros(len(grads), units, dtype=torch.float64)
             for layer_index, g in enumerate(grads):
                 scores[layer_index] += g.abs().sum(0).double().cpu()
-    finally:
-        restore_modes(modes)
     if scores is None:
         raise ValueError(f"{caller} got no batches")
     return normalize_per_layer(scores).float()

@@ -21,12 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from compression.int8 import quantize_rows
-from compression.models import (
-    check_float_model,
-    linear_layers,
-    restore_modes,
-    training_modes,
-)
+from compression.models import check_float_model, evaluating, linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +86,11 @@ def export_onnx(model: PreTrainedModel, path: Path, opset: int = 17) -> None:
     """Export an fp32 classifier to ONNX with dynamic batch and sequence axes (traced in eval mode on the CPU;
     the model is handed back in the mode and on the device it came in)."""
     linear_layers(model)
-    modes, device = training_modes(model), next(model.parameters()).device
+    device = next(model.parameters()).device
     try:
-        _export(model.eval().cpu(), path, opset)
+        with evaluating(model):
+            _export(model.cpu(), path, opset)
     finally:
-        restore_modes(modes)
         model.to(device)
 
 
