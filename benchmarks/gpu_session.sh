@@ -15,9 +15,10 @@
 #   copies) compiled + graphed; each fp32 model's wo8 copy per kernel: the "before and after" of each technique.
 # - train: `benchmarks.train_speed`, the teacher's training step at batch 32, 128 and 256; last, as the call's
 #   limit may cut it short, after everything else is safe in $OUT.
-# All five take ~11 minutes on an H200 from cold, more than one call's 600 s. On a card whose budgets baselines.json
-# already holds (NVIDIA H200, gpu.smoke), `STEPS="pytest graphs train"` is the issue's "Done when" in ~6 minutes;
-# on a new card, `STEPS="run accept pytest"` first (~8 minutes), then graphs and train if time is left.
+# All five would take ~11 minutes on an H200 from cold (estimated from session 21's calls; graphs untimed
+# there), more than one call's 600 s. On a card whose budgets baselines.json already holds (NVIDIA H200,
+# gpu.smoke), `STEPS="pytest graphs train"` is the issue's "Done when" in an estimated ~6 minutes; on a new card,
+# `STEPS="run accept pytest"` first (~8 minutes, estimated), then graphs and train if time is left.
 # In $OUT (at most 8 files come back): session.log, run/results.{json,md} and pareto.png, the (accepted)
 # baselines.json and the saved benchmark.json; the last lines printed are the tables.
 # DEVICE=cpu runs the same steps on a CPU (a dry run of the plumbing: no graphs, no wo8 rows, gpu tests skip);
