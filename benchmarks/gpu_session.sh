@@ -13,11 +13,12 @@
 #   trained here when the run step was left out: ~60 s).
 # - graphs: `benchmarks.gpu_graphs`: each variant eager, graphed, and (teacher, student and their served wo8
 #   copies) compiled + graphed; each fp32 model's wo8 copy per kernel: the "before and after" of each technique.
-# - train: `benchmarks.train_speed`, the teacher's training step at batch 32, 128 and 256; last, as the call's
-#   limit may cut it short, after everything else is safe in $OUT.
-# All five would take ~11 minutes on an H200 from cold (estimated from session 21's calls; graphs untimed
+# - train: `benchmarks.train_speed --compile`, the teacher's training step at batch 32, 128 and 256, eager and
+#   compiled (each row printed as it is timed); last, as the call's limit may cut it short, after everything else
+#   is safe in $OUT. The CPU dry run leaves the compiled rows out (inductor takes ~80 s per row here).
+# All five would take ~11-13 minutes on an H200 from cold (estimated from session 21's calls; graphs untimed
 # there), more than one call's 600 s. On a card whose budgets baselines.json already holds (NVIDIA H200,
-# gpu.smoke), `STEPS="pytest graphs train"` is the issue's "Done when" in an estimated ~6 minutes; on a new card,
+# gpu.smoke), `STEPS="pytest graphs train"` is the issue's "Done when" in an estimated 6-8 minutes; on a new card,
 # `STEPS="run accept pytest"` first (~8 minutes, estimated), then graphs and train if time is left.
 # In $OUT (at most 8 files come back): session.log, run/results.{json,md} and pareto.png, the (accepted)
 # baselines.json and the saved benchmark.json; the last lines printed are the tables.
@@ -69,8 +70,8 @@ main() {  # the whole script is read before it runs: editing the file mid-run ca
     echo "== the run's table"
     cat "$out/run/results.md" 2>/dev/null | head -40
     # last, as it is the one step the device call's 600 s may cut short: training steps per batch size
-    if [ "$device" = cuda ]; then speed=(); else speed=(--batch-size 32 128 --steps 4 --warmup-steps 2); fi
-    step train 60 python3 -m benchmarks.train_speed "${speed[@]}"
+    if [ "$device" = cuda ]; then speed=(--compile); else speed=(--batch-size 32 128 --steps 4 --warmup-steps 2); fi
+    step train 150 python3 -m benchmarks.train_speed "${speed[@]}"
     return "$status"
 }
 

@@ -127,6 +127,8 @@ def test_training_arguments_follow_config(tmp_path):
     assert args.get_warmup_steps(1000) == 60  # warmup_ratio 0.06 of the total steps
     assert str(args.train_sampling_strategy).endswith("group_by_length")
     assert args.logging_nan_inf_filter is False  # a host sync per step on a GPU
+    assert args.torch_compile is False  # compiling is asked for (benchmarks.train_speed --compile), never implied
+    assert training_arguments(config, str(tmp_path), use_cpu=True, compile_step=True).torch_compile is True
 
 
 def test_training_uses_the_fused_optimizer_everywhere_and_tf32_on_new_gpus(tmp_path, monkeypatch):
@@ -195,6 +197,38 @@ def test_finetune_changes_weights_and_is_deterministic(tiny_model_session, tiny_
     with torch.no_grad():
         assert torch.equal(first(**tiny_batch).logits, second(**tiny_batch).logits)
         assert not torch.equal(first(**tiny_batch).logits, tiny_model_session(**tiny_batch).logits)
+
+
+def test_a_compiled_step_trains_the_model_handed_in_as_the_eager_step_does(
+        tiny_model_session, tiny_tokenizer, tokenized_train, tiny_batch, monkeypatch):
+    # dynamo's "eager" backend traces the step as inductor would and runs the traced ops as they are: the
+    # plumbing (the Trainer compiling its copy, the caller's module trained and handed back plain) without
+    # inductor's minute of compiling on a CPU
+    made, real = [], train_module.TrainingArguments
+
+    def eager_backend(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        if made[-1].torch_compile:
+            made[-1].torch_compile_backend = "eager"
+        return made[-1]
+
+    monkeypatch.setattr(train_module, "TrainingArguments", eager_backend)
+    config = TrainConfig(learning_rate=1e-3, epochs=1, batch_size=16, seed=5, bf16=False)
+    torch.manual_seed(config.seed)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = finetune(copy.deepcopy(tiny_model_session), tiny_tokenizer, tokenized_train, config, compile_step=True)
+    traced = sum(torch._dynamo.utils.counters["frames"].values())
+    eager = _train_copy(tiny_model_session, tiny_tokenizer, tokenized_train, config)
+
+    assert [a.torch_compile for a in made] == [True, False]
+    assert traced > 0  # dynamo did trace the forward
+    assert type(compiled) is type(tiny_model_session) and not compiled.training  # not dynamo's wrapper
+    compiled, eager = compiled.cpu(), eager.cpu()
+    with torch.no_grad():
+        got, want = compiled(**tiny_batch).logits, eager(**tiny_batch).logits
+    assert not torch.equal(got, tiny_model_session(**tiny_batch).logits)  # it trained
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("verbosity", ["warning", "error"])  # error: as the CLI sets it
