@@ -39,6 +39,9 @@ class SST2:
 
 def read_tsv(path: Path) -> dict[str, list]:
     """Parse and validate one GLUE SST-2 file. Raises DataError naming the file, line and column."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file (expected GLUE SST-2 layout: "
+                        f"{', '.join(SPLIT_FILES.values())})")
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected GLUE SST-2 layout: {', '.join(SPLIT_FILES.values())})")
     raw = path.read_bytes()

@@ -210,6 +210,13 @@ def _weights_kwargs(folder: str | Path) -> dict:
     return dict(local_files_only=True, use_safetensors=None if is_hub_snapshot(folder) else True)
 
 
+def check_safetensors(folder: str | Path) -> None:
+    """ValueError naming a user's `folder` if it holds no safetensors weights (a hub snapshot may: see
+    `_weights_kwargs`), before transformers says only that `model.safetensors` is missing."""
+    if _weights_kwargs(folder)["use_safetensors"] and not list(Path(folder).glob("*.safetensors")):
+        raise ValueError(f"{shown(folder)}: no safetensors weights (other formats are not loaded: they can run code)")
+
+
 def load_base(
     base: str | None, num_labels: int = 2, pooling: str = "cls", cache_root=None
 ) -> tuple[PreTrainedModel, "AutoTokenizer"]:
@@ -221,6 +228,7 @@ def load_base(
     check_pooling(pooling)
     name = resolve_base(base, cache_root)
     check_model_folder(name)
+    check_safetensors(name)
     kwargs = dict(num_labels=num_labels, **_weights_kwargs(name))
     with readable_model(name):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
@@ -247,9 +255,8 @@ def load_finetuned(name: str, num_labels: int = 2) -> tuple[PreTrainedModel, "Au
     if labels != num_labels:
         raise ValueError(f"{shown(name)}: a {labels}-label classifier; SST-2 needs {num_labels} "
                          "(0 negative, 1 positive)")
+    check_safetensors(name)
     kwargs = _weights_kwargs(name)
-    if kwargs["use_safetensors"] and not list(Path(name).glob("*.safetensors")):
-        raise ValueError(f"{shown(name)}: no safetensors weights (other formats are not loaded: they can run code)")
     # (the keys of compression.prune, prune_ffn and low_rank, which import this module): shapes from_pretrained
     # cannot rebuild from a stock config
     if any(getattr(config, key, None) is not None for key in ("kept_heads", "kept_neurons", "embedding_rank")):

@@ -77,6 +77,14 @@ def test_read_tsv_missing_file_names_it(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_read_tsv_a_folder_in_place_of_the_file_is_named_as_one(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.mkdir()
+    with pytest.raises(DataError, match="is a folder, not a file") as err:
+        read_tsv(path)
+    assert str(path) in str(err.value)
+
+
 def test_read_tsv_missing_label_column(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text("sentence\tscore\ngood\t1\n", encoding="utf-8")

@@ -275,7 +275,7 @@ def test_pickled_weights_load_from_a_hub_snapshot_but_never_from_a_users_folder(
                                                                                 tiny_tokenizer, monkeypatch):
     # A repo the hub serves without safetensors is read through torch.load(weights_only=True); the same files in
     # a folder handed in are refused: this tool reads no pickle a user gives it.
-    from compression.models import load_finetuned
+    from compression.models import load_base, load_finetuned
 
     folder = tmp_path / "pickled"
     tiny_model.config.save_pretrained(folder)
@@ -283,6 +283,9 @@ def test_pickled_weights_load_from_a_hub_snapshot_but_never_from_a_users_folder(
     torch.save(tiny_model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(ValueError, match=f"^{folder}: no safetensors weights"):
         load_finetuned(str(folder))
+    for pooling in ("cls", "mean"):  # as a base to fine-tune, the same words
+        with pytest.raises(ValueError, match=f"^{folder}: no safetensors weights"):
+            load_base(str(folder), pooling=pooling)
     fake_hub("org/pickled", folder)
     monkeypatch.chdir(tmp_path)
     loaded, _ = load_finetuned("org/pickled")
