@@ -200,11 +200,22 @@ def predict_texts(folder: str | os.PathLike, texts: Sequence[str]) -> list[tuple
     labels = read_json(folder / LABELS_FILE)
     results = []
     for logits in text_logits(folder, texts):
+        _check_labels(folder / LABELS_FILE, labels, len(logits))
         shifted = np.exp(logits.astype(np.float64) - logits.max())
         probs = shifted / shifted.sum()
         best = int(probs.argmax())
-        results.append((labels.get(str(best), str(best)), float(probs[best])))
+        results.append((labels[str(best)], float(probs[best])))
     return results
+
+
+def _check_labels(path: Path, labels: dict, classes: int) -> None:
+    """ValueError naming `path` unless it names every one of the model's `classes` ("0", "1", ...) by a string:
+    a label left out would otherwise be printed as its bare class number."""
+    for key in map(str, range(classes)):
+        if not isinstance(labels.get(key), str):
+            got = "no entry" if key not in labels else f"{labels[key]!r}, not a string"
+            raise ValueError(f"{path}: class {key!r} has {got} (the model gives {classes} classes: "
+                             f"{{\"0\": \"negative\", \"1\": \"positive\"}} for SST-2)")
 
 
 def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:

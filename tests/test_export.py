@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -270,6 +271,19 @@ def test_failed_export_leaves_out_as_it_was(saved_all, tmp_path, monkeypatch):
 def test_predict_texts_on_a_folder_not_exported(saved_all):
     with pytest.raises(ValueError, match="not an exported folder"):
         predict_texts(saved_all["cls"].fp32, ["good"])  # a cache folder: no model.onnx, no labels.json
+
+
+@pytest.mark.parametrize("labels, says", [
+    ({"0": "negative"}, "class '1' has no entry"),
+    ({"0": "negative", "1": 1}, "class '1' has 1, not a string"),
+    ({"negative": 0, "positive": 1}, "class '0' has no entry"),
+])
+def test_predict_texts_refuses_labels_that_do_not_name_every_class(saved_all, tmp_path, labels, says):
+    folder = tmp_path / "exported"
+    shutil.copytree(saved_all["cls"].int8_out, folder)
+    (folder / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder / 'labels.json'))}: {re.escape(says)}"):
+        predict_texts(folder, ["good"])
 
 
 def run_python(code: str) -> str:
