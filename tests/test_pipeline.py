@@ -446,9 +446,9 @@ def test_every_stage_trains_on_the_cpu_for_a_cpu_run(tmp_path, tiny_model, tiny_
     given = _biased_teacher(tmp_path / "given", tiny_model, tiny_tokenizer, int(sum(y for _, y in dev) * 2 >= 32))
     asked, real = [], train.training_arguments
 
-    def recording(config, output_dir, use_cpu=None):
+    def recording(config, output_dir, use_cpu=None, *rest):
         asked.append(use_cpu)
-        return real(config, output_dir, use_cpu)
+        return real(config, output_dir, use_cpu, *rest)
 
     monkeypatch.setattr(train, "training_arguments", recording)
     build_variants(tiny_profile(), None, str(tmp_path / "sst2"), tmp_path / "cache", "cpu", teacher_model=str(given))

@@ -93,9 +93,9 @@ def test_finetune_sweeps_the_trainer_folders_of_dead_runs(tmp_path, monkeypatch,
     used = []
     real = train.training_arguments
 
-    def spy(config, output_dir, use_cpu=None):
+    def spy(config, output_dir, use_cpu=None, *rest):
         used.append(output_dir)
-        return real(config, output_dir, use_cpu)
+        return real(config, output_dir, use_cpu, *rest)
 
     monkeypatch.setattr(train, "training_arguments", spy)
     import datasets
