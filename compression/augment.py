@@ -4,8 +4,9 @@ TinyBERT (Jiao et al. 2020) grew SST-2's train split twenty-fold by replacing wo
 neighbours, or a masked LM's guesses) and let the teacher label every new sentence; the student then learns the
 teacher's function on many more inputs than the labels cover. Neither GloVe nor a masked-LM head ships offline
 here, so the neighbours come from a model's own word-piece embedding table (cosine similarity between whole-word
-rows): near rows are mostly related words and inflections, which is what the swap needs. The labels of the new
-sentences never matter: the teacher's logits are their only targets.
+rows): near rows are mostly related words and inflections, which is what the swap needs. The new sentences have no
+labels of their own: their targets are the teacher's logits over them, and the teacher's choice (the argmax) is
+their label in the labels' term of the loss (`pipeline`'s augmented stage).
 
 Pure functions: `whole_sentences` picks the rows to grow from, `neighbour_table` ranks the candidates,
 `augment` writes the new sentences, `augmented_sentences` chains them. Nothing here runs a model.

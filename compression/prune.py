@@ -279,7 +279,9 @@ def gate_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                                  "scores are gradients of the model's own loss")
             batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
             with gates(model, make_gate) as used:
-                loss = model(**batch).loss
+                # the model's loss is its batch's mean: times B, each example's gradient is its own loss's,
+                # whatever batch it came in (a short last batch would otherwise weigh its examples more)
+                loss = model(**batch).loss * batch["labels"].shape[0]
                 grads = torch.autograd.grad(loss, used)  # one [B, units] per layer, in layer order
             if scores is None:
                 scores = torch.zeros(len(grads), units, dtype=torch.float64)

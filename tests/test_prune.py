@@ -253,6 +253,25 @@ def test_head_importance_takes_data_batches_as_they_come(tiny_model, tiny_tokeni
     assert torch.equal(scores, head_importance(tiny_model, stripped))
 
 
+def split_batch(batch: dict, sizes: list[int]) -> list[dict]:
+    """`batch` with labels, cut into consecutive batches of `sizes` rows."""
+    batch = batch | {"labels": torch.tensor([1, 0, 1, 0])[: len(batch["input_ids"])]}
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [{k: v[a:a + n] for k, v in batch.items()} for a, n in zip(starts, sizes)]
+
+
+@pytest.mark.parametrize("sizes", [[1, 1, 1, 1], [3, 1], [2, 2]])
+def test_importance_does_not_depend_on_how_the_examples_are_batched(tiny_model, tiny_batch, sizes):
+    """Each example counts once, by its own loss's gradient: a short last batch (data.batches ends with the longest
+    sentences) does not weigh its examples more. Heads and FFN neurons share the scoring."""
+    from compression.prune_ffn import ffn_importance
+
+    tiny_model.double()
+    for score in (head_importance, ffn_importance):
+        whole = score(tiny_model, split_batch(tiny_batch, [4]))
+        torch.testing.assert_close(score(tiny_model, split_batch(tiny_batch, sizes)), whole, rtol=1e-5, atol=1e-7)
+
+
 def test_head_importance_matches_finite_difference_of_a_gate(tiny_model, tiny_batch):
     """|dL/dξ| from the hooks agrees with a numerical derivative of the loss in one head's gate."""
     batch = {k: v[:1] for k, v in tiny_batch.items()} | {"labels": torch.tensor([1])}
