@@ -41,10 +41,11 @@ _warned_unverified: set[Path] = set()  # roots already warned about entries with
 
 def default_root() -> Path:
     """$COMPRESSION_CACHE, else $XDG_CACHE_HOME/model-compression, else ~/.cache/model-compression."""
+    # absolute: results.json records each variant's folder under it, for `compress export` run from anywhere
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+        return Path(os.environ[CACHE_ENV]).expanduser().absolute()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "model-compression"
+    return (Path(xdg) / "model-compression").absolute()
 
 
 # Field metadata for a config field added after caches were made: at its default the field is left out of keys,

@@ -102,6 +102,8 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(work, 0o777 & ~umask)  # mkdtemp makes 0700; an export is an ordinary folder
+        for file in work.iterdir():  # and ordinary files (copy2 keeps a cache file's 0600)
+            os.chmod(file, 0o666 & ~umask)
         _place(work, out, overwrite)
         placed = True
     finally:
@@ -255,5 +257,11 @@ def text_logits(folder: str | os.PathLike, texts: Sequence[str]) -> list:
             (logits,) = session.run(["logits"], {n: np.array([given[n]], dtype=np.int64) for n in names})
         except Exception as err:  # e.g. token ids past the model's embedding table: tokenizer and model disagree
             raise ValueError(f"{folder}: onnxruntime failed on {text[:40]!r} ({one_line(err, 300)})") from None
+        if logits.ndim != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
+            raise ValueError(f"{folder / ONNX_FILE}: gives logits of shape {list(logits.shape)} for one text; an "
+                             "exported classifier gives [1, classes], classes >= 2")
+        if not np.isfinite(logits).all():
+            raise ValueError(f"{folder / ONNX_FILE}: gives logits that are not finite ({logits[0].tolist()}) for "
+                             f"{text[:40]!r}")
         out.append(logits[0])
     return out

@@ -34,7 +34,7 @@ class Finding:
     variant: str
     metric: str
     budget: float
-    value: float | None  # None: the variant is missing from the run
+    value: float | None  # None: the variant (or, for a budget relative to it, the teacher) is missing from the run
     ok: bool
     comparison: str  # ">=" or "<="
 
@@ -124,15 +124,17 @@ def check(results: Results, baselines: Baselines, only: set[str] | None = None) 
             continue
         if b.min_accuracy is not None:
             add(name, "val_accuracy", b.min_accuracy, row.val_accuracy, upper=False)
-        if b.max_accuracy_drop is not None and teacher is not None:
-            drop = round(teacher.val_accuracy - row.val_accuracy, 2)
+        # without the teacher row these two budgets cannot be judged: a breach ("missing"), never a silent pass
+        if b.max_accuracy_drop is not None:
+            drop = None if teacher is None else round(teacher.val_accuracy - row.val_accuracy, 2)
             add(name, "accuracy_drop", b.max_accuracy_drop, drop, upper=True)
         if b.max_flips is not None:
             add(name, "flips", b.max_flips, row.flips, upper=True)
         if b.max_size_mb is not None:
             add(name, "size_mb", b.max_size_mb, row.size_mb, upper=True)
-        if b.max_latency_ratio is not None and teacher is not None and not gpu_name:
-            add(name, "latency_ratio", b.max_latency_ratio, latency_ratio(row, teacher), upper=True)
+        if b.max_latency_ratio is not None and not gpu_name:
+            ratio = None if teacher is None else latency_ratio(row, teacher)
+            add(name, "latency_ratio", b.max_latency_ratio, ratio, upper=True)
     if gpu_name:
         findings += [f for f in _gpu_findings(rows, baselines.gpu_of(results.profile), gpu_name)
                      if only is None or f.variant in only]

@@ -145,7 +145,7 @@ def build_variants(
     """
     if base is not None and teacher_model is not None:
         raise ValueError("--base and --teacher exclude each other: --teacher is already fine-tuned")
-    root = cache_root or cache.default_root()
+    root = Path(cache_root).absolute() if cache_root else cache.default_root()  # results.json names folders under it
     use_cpu = not str(device).startswith("cuda")  # train where the models run, even where a GPU is idle
     profile = replace(profile, **{stage: resolve_precision(getattr(profile, stage), use_cpu)
                                   for stage in ("teacher", "student", "recovery", "low_rank_recovery")})

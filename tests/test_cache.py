@@ -500,6 +500,16 @@ def test_default_root_env_wins(monkeypatch, tmp_path):
     assert default_root() == tmp_path / "mine"
 
 
+def test_default_root_is_absolute_where_given_relative(monkeypatch, tmp_path):
+    # results.json records each variant's folder under the root: `compress export` may run from elsewhere
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(cache.CACHE_ENV, "rel")
+    assert default_root() == tmp_path / "rel"
+    monkeypatch.setenv(cache.CACHE_ENV, "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "xdg")
+    assert default_root() == tmp_path / "xdg" / "model-compression"
+
+
 def test_default_root_env_expands_user(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv(cache.CACHE_ENV, "~/c")

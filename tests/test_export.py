@@ -139,6 +139,11 @@ def test_exported_files(saved_all):
     common = {"model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json", "labels.json"}
     assert {p.name for p in saved.int8_out.iterdir()} == common | {"quantization.json"}
     assert {p.name for p in saved.fp32_out.iterdir()} == common | {"model.safetensors"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for out in (saved.int8_out, saved.fp32_out):  # ordinary files, whatever the cache's modes (safetensors: 0600)
+        assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+            p.name: 0o666 & ~umask for p in out.iterdir()}
     for out in (saved.int8_out, saved.fp32_out):
         assert json.loads((out / "labels.json").read_text()) == {"0": "negative", "1": "positive"}
         assert json.loads((out / "config.json").read_text())["compression_pooling"] == "mean"
@@ -284,6 +289,39 @@ def test_predict_texts_refuses_labels_that_do_not_name_every_class(saved_all, tm
     (folder / "labels.json").write_text(json.dumps(labels))
     with pytest.raises(ValueError, match=f"^{re.escape(str(folder / 'labels.json'))}: {re.escape(says)}"):
         predict_texts(folder, ["good"])
+
+
+def constant_logits_model(path: Path, logits: np.ndarray) -> None:
+    """An ONNX model taking the exported inputs and giving `logits` whatever they are."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, "T"]) for n in ("input_ids", "attention_mask")]
+    value = numpy_helper.from_array(logits.astype(np.float32), "value")
+    graph = helper.make_graph([helper.make_node("Constant", [], ["logits"], value=value)], "constant", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(logits.shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize("logits, says", [
+    (np.array([0.1, 0.2]), r"gives logits of shape \[2\]"),
+    (np.zeros((1, 2, 2)), r"gives logits of shape \[1, 2, 2\]"),
+    (np.zeros((1, 1)), r"gives logits of shape \[1, 1\]"),
+    (np.array([[np.nan, 0.0]]), "gives logits that are not finite"),
+    (np.array([[np.inf, 0.0]]), "gives logits that are not finite"),
+])
+def test_a_model_whose_logits_are_not_one_row_of_finite_scores_is_refused_by_predict_and_export(
+        saved_all, tmp_path, logits, says):
+    folder = tmp_path / "exported"
+    shutil.copytree(saved_all["cls"].int8_out, folder)
+    constant_logits_model(folder / "model.onnx", logits)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder / 'model.onnx'))}: {says}"):
+        predict_texts(folder, ["good"])
+    with pytest.raises(ValueError, match="its export does not run: .*" + says):
+        export_variant(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def run_python(code: str) -> str:

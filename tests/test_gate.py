@@ -265,6 +265,19 @@ def test_missing_variant_fails_present(baselines):
     assert "missing" in bad[0].line()
 
 
+def test_a_run_without_the_teacher_fails_every_budget_relative_to_it(baselines):
+    """Without the teacher row, accuracy drops and CPU latency ratios cannot be judged: each is a breach, never a
+    silent pass (a run of one variant against a file budgeting only that variant once passed with nothing checked)."""
+    only_student = Baselines.model_validate({"schema_version": baselines.schema_version, "profiles": {
+        "smoke": {"student_int8": baselines.profiles["smoke"]["student_int8"].model_dump(exclude_none=True)}}})
+    bad = failed(check(make_results(drop={"teacher"}), only_student))
+    assert sorted((f.metric, f.value) for f in bad) == [("accuracy_drop", None), ("latency_ratio", None)]
+    assert all("missing" in f.line() for f in bad)
+    bad = failed(check(make_results(drop={"teacher"}), baselines))
+    assert ("teacher", "present") in {(f.variant, f.metric) for f in bad}
+    assert {f.variant for f in bad if f.metric == "latency_ratio"} == set(baselines.profiles["smoke"]) - {"teacher"}
+
+
 def test_unknown_profile_is_an_error(baselines):
     other = make_results().model_copy(update={"profile": "full"})
     with pytest.raises(ValueError, match="no profile 'full'"):

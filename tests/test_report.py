@@ -117,6 +117,19 @@ def test_write_atomic_writes_and_replaces(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["file.json"]
 
 
+def test_write_atomic_keeps_a_replaced_files_mode_and_gives_a_new_one_the_umasks(tmp_path):
+    import os
+
+    path = tmp_path / "baselines.json"
+    write_atomic(path, b"first")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    path.chmod(0o600)  # a private file stays private when accepted into
+    write_atomic(path, b"second")
+    assert path.read_bytes() == b"second" and path.stat().st_mode & 0o777 == 0o600
+
+
 def test_write_atomic_writes_through_a_symlink_and_refuses_a_loop(tmp_path):
     (tmp_path / "real").mkdir()
     link = tmp_path / "link.json"
