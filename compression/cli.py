@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = worker.handle_sigterm() if threading.current_thread() is threading.main_thread() else None
     try:
         return commands[args.command](args)
+    except BrokenPipeError:  # stdout's reader went away (`| head`): not bad input; quiet, as a shell tool dies of it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush raises again
+        return 128 + signal.SIGPIPE
     except (ValueError, OSError) as err:  # DataError is a ValueError; messages name the file / value / option
         if args.verbose:  # every detail asked for: where it was raised (a worker's traceback rides as a note)
             traceback.print_exception(err, file=sys.stderr)

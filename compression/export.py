@@ -95,7 +95,7 @@ def export_variant(folder: str | os.PathLike, out: str | os.PathLike, overwrite:
                 raise  # names what is wrong already
             raise ValueError(f"{folder}: cannot be exported ({type(err).__name__}: {one_line(err, 300)})") from None
         try:  # what predict will do, before anything is put in place
-            text_logits(work, ["a sentence to check the exported folder runs"])
+            predict_texts(work, ["a sentence to check the exported folder runs"])
         except ValueError as err:
             raise ValueError(f"{folder}: its export does not run: "
                              f"{str(err).replace(str(work), 'the exported folder')}") from None

@@ -89,8 +89,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as err:  # name the file asked for, not a temporary one or a parent
         raise ValueError(f"{path}: cannot be written ({err.strerror or err})") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as err:  # a full disk, a quota: name the file, which is left as it was
+            raise ValueError(f"{path}: cannot be written ({err.strerror or err})") from None
         try:  # a file replaced keeps its mode (a private baselines.json stays private)
             mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:

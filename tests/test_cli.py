@@ -596,6 +596,26 @@ def test_schema_of_results_declares_the_row_and_the_variants(capsys):
     assert row_schema["properties"]["val_accuracy"]["maximum"] == 100
 
 
+def test_a_closed_stdout_ends_quietly_with_sigpipes_status(capsys, monkeypatch, tmp_path):
+    """`compress ... | head`: the reader going away is not bad input (no "error", no exit 2)."""
+    sink = open(tmp_path / "sink", "w")
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["schema", "results"]) == 128 + signal.SIGPIPE
+    sink.close()
+    assert capsys.readouterr().err == ""
+
+
 def test_schema_unknown_document_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["schema", "budgets"])

@@ -324,6 +324,18 @@ def test_a_model_whose_logits_are_not_one_row_of_finite_scores_is_refused_by_pre
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_variant_whose_labels_predict_would_refuse(saved_all, tmp_path):
+    folder = tmp_path / "variant"
+    shutil.copytree(saved_all["cls"].int8, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "negative"}
+    config.pop("label2id", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="its export does not run: .*labels.json: class '1' has no entry"):
+        export_variant(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def run_python(code: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

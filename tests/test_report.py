@@ -130,6 +130,26 @@ def test_write_atomic_keeps_a_replaced_files_mode_and_gives_a_new_one_the_umasks
     assert path.read_bytes() == b"second" and path.stat().st_mode & 0o777 == 0o600
 
 
+def test_write_atomic_on_a_full_disk_names_the_file_and_leaves_it_whole(tmp_path, monkeypatch):
+    import os
+
+    import compression.report as report
+
+    path = tmp_path / "baselines.json"
+    write_atomic(path, b"old")
+    real = os.fdopen
+
+    def full_disk(fd, mode):
+        f = real(fd, mode)
+        f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(report.os, "fdopen", full_disk)
+    with pytest.raises(ValueError, match=f"^{path}: cannot be written \\(No space left on device\\)$"):
+        write_atomic(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["baselines.json"]
+
+
 def test_write_atomic_writes_through_a_symlink_and_refuses_a_loop(tmp_path):
     (tmp_path / "real").mkdir()
     link = tmp_path / "link.json"
