@@ -47,7 +47,12 @@ def _named(text: str) -> str:
 def _path(text: str) -> Path:
     """A file or folder argument: not empty (Path("") is the current folder, so an unset shell variable in
     `--out "$OUT"` would write there)."""
-    return Path(_not_empty(text, "a file or folder"))
+    return Path(_not_empty(text, "a file or folder")).expanduser()  # `--out=~/x` reaches us unexpanded
+
+
+def _data(text: str) -> str:
+    """--data: not empty (it would mean the current folder, and override $SST2_DIR)."""
+    return _not_empty(text, "an SST-2 folder")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher", default=None, type=_named,
                      help="an already fine-tuned two-label SST-2 classifier (folder or Hugging Face id), used as the "
                           "teacher as it is: no fine-tuning (excludes --base)")
-    run.add_argument("--data", default=None,
+    run.add_argument("--data", default=None, type=_data,
                      help="SST-2 folder in GLUE layout (default: $SST2_DIR, else GLUE from the hub)")
     run.add_argument("--pooling", default=None, choices=["cls", "mean"],
                      help="classifier input: masked mean of the tokens (profiles' default; BERT bases) or [CLS]")

@@ -207,7 +207,10 @@ def _weights_kwargs(folder: str | Path) -> dict:
     """from_pretrained's loading options for a local folder. A user's folder is read as safetensors only (pickled
     weights can run code); a hub snapshot without safetensors, as the hub serves it, through transformers'
     torch.load(weights_only=True), which unpickles tensors alone."""
-    return dict(local_files_only=True, use_safetensors=None if is_hub_snapshot(folder) else True)
+    # float32 whatever the config's `dtype` says: transformers 5 loads a config saying float16 (common on the hub)
+    # in half precision, which training, the CPU kernels and the int8 export do not take
+    return dict(local_files_only=True, use_safetensors=None if is_hub_snapshot(folder) else True,
+                dtype=torch.float32)
 
 
 def check_safetensors(folder: str | Path) -> None:

@@ -134,6 +134,23 @@ def test_an_empty_path_is_refused_not_the_current_folder(capsys, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_data_folder_is_refused_not_the_current_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--data", ""])
+    assert exit_.value.code == EXIT_ERROR
+    (line,) = stderr_lines(capsys.readouterr())
+    assert "--data: must name an SST-2 folder, got an empty string" in line
+
+
+def test_a_tilde_in_an_option_the_shell_left_alone_is_the_home_folder(capsys, tmp_path, monkeypatch):
+    # `--out=~/x` reaches compress unexpanded: it means $HOME/x, not a folder named "~" here
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--baselines=~/b.json", "~/r.json"]) == EXIT_ERROR
+    assert f"{tmp_path / 'home' / 'r.json'}: no such file" in capsys.readouterr().err
+
+
 def test_run_hub_id_not_to_be_had_is_one_line_naming_it(capsys, sst2_dir, tmp_path, monkeypatch):
     # the build worker is a fresh process: it finds the (empty) Hugging Face cache through the environment
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))

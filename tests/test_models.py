@@ -271,6 +271,20 @@ def test_errors_about_a_hub_model_name_its_id_and_commit(fake_hub, tmp_path, tin
         load_finetuned("org/three")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_folder_whose_config_asks_for_half_precision_loads_in_float32(tmp_path, tiny_model, tiny_tokenizer, dtype):
+    # common on the hub; transformers 5 would load it in half precision, which training and the int8 export refuse
+    from compression.models import load_base, load_finetuned
+
+    folder = tmp_path / dtype
+    tiny_model.to(getattr(torch, dtype)).save_pretrained(folder)
+    tiny_model.float()
+    tiny_tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text()).get("dtype", "").endswith(dtype)
+    for model in (load_finetuned(str(folder))[0], load_base(str(folder), pooling="mean")[0]):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_pickled_weights_load_from_a_hub_snapshot_but_never_from_a_users_folder(fake_hub, tmp_path, tiny_model,
                                                                                 tiny_tokenizer, monkeypatch):
     # A repo the hub serves without safetensors is read through torch.load(weights_only=True); the same files in
